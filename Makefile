@@ -1,0 +1,42 @@
+# The two commands of the README: `make bench` (the main job) and `make test`.
+# Each creates .venv on first use (torch 2.14.1 from the local wheel store, the
+# test tools, lightly's loss as a baseline) and installs this package into it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION ?= 2.14.1
+LIGHTLY_VERSION ?= 1.6.0
+
+DEPS_STAMP := $(VENV)/.deps-stamp
+INSTALL_STAMP := $(VENV)/.install-stamp
+SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: install test bench demo checkstyle clean
+
+$(DEPS_STAMP): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet torch==$(TORCH_VERSION) -r requirements-dev.txt
+	# lightly's MACLLoss is a baseline; --no-deps keeps torchvision and friends out.
+	$(PIP) install --quiet --no-deps lightly==$(LIGHTLY_VERSION)
+	touch $@
+
+$(INSTALL_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(INSTALL_STAMP)
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m benchmarks.run
+
+checkstyle: install
+	$(VENV)/bin/ruff check macl_kernels python_tests benchmarks
+	$(VENV)/bin/ruff format --check macl_kernels python_tests benchmarks
+
+clean:
+	rm -rf build *.egg-info macl_kernels/*.so $(INSTALL_STAMP)

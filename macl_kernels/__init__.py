@@ -1,0 +1,25 @@
+"""macl_kernels: the Model-Aware Contrastive Learning loss without the N x N matrix.
+
+import macl_kernels as mk
+loss = mk.macl_loss(z0, z1)                    # lightly's MACLLoss(), fused
+loss, stats = mk.macl_loss(z0, z1, return_stats=True)
+criterion = mk.MACLLoss(temperature=0.1, alpha=0.5, A_0=0.0)
+"""
+
+from ._config import MACLConfig
+from ._stats import MACLStats
+from .backends import available_backends, known_backends
+from .loss import MACLLoss, NTXentLoss, macl_loss, nt_xent_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MACLConfig",
+    "MACLLoss",
+    "MACLStats",
+    "NTXentLoss",
+    "available_backends",
+    "known_backends",
+    "macl_loss",
+    "nt_xent_loss",
+]

@@ -1,0 +1,78 @@
+"""The loss assembled around a backend's negatives' log-sum-exp.
+
+Per layout (MATH.md section 1) this normalizes the views, takes the positive
+cosines as row-wise dots, derives A and tau on the device, asks the backend for
+the log-sum-exp over each anchor's negatives and finishes with the shared
+per-anchor math. Only O(N*D) tensors are ever formed here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._config import MACLConfig
+from ._math import accumulation_dtype, adaptive_temperature, anchor_loss, reduce_loss
+from ._stats import MACLStats, make_stats
+from .backends.base import Backend
+
+NO_COLUMN = -1  # an unused slot of the excluded-columns table
+
+
+def excluded_columns(first: torch.Tensor, second: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The (M, 2) int32 table of columns that are not negatives (see backends.base)."""
+    if second is None:
+        second = torch.full_like(first, NO_COLUMN)
+    return torch.stack([first, second], dim=1).to(torch.int32)
+
+
+def layout_exclusions(layout: str, n: int, device: torch.device) -> torch.Tensor:
+    """Per-anchor excluded columns of a single-process batch of n pairs."""
+    rows = torch.arange(n, device=device)
+    if layout == "ntxent":
+        anchors = torch.arange(2 * n, device=device)
+        return excluded_columns(anchors, (anchors + n) % (2 * n))  # itself and its positive
+    if layout in ("cross", "cross_sym"):
+        return excluded_columns(rows)  # the positive column
+    return excluded_columns(torch.full_like(rows, NO_COLUMN))  # queue: the bank holds negatives only
+
+
+def normalize_rows(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(u in the accumulation dtype, u in the input dtype for the O(M*C) kernels)."""
+    u_acc = F.normalize(z.to(accumulation_dtype(z.dtype)), dim=1, eps=1e-12)
+    return u_acc, u_acc.to(z.dtype)
+
+
+def fused_macl_loss(
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    negatives: Optional[torch.Tensor],
+    cfg: MACLConfig,
+    backend: Backend,
+) -> Tuple[torch.Tensor, MACLStats]:
+    """The MACL loss through ``backend``; inputs are assumed already checked."""
+    u0_acc, u0 = normalize_rows(z0)
+    u1_acc, u1 = normalize_rows(z1)
+    positive_cos = (u0_acc * u1_acc).sum(dim=1)  # s+ of each pair, differentiable
+    alignment = positive_cos.detach().mean()
+    tau = adaptive_temperature(alignment, cfg)
+
+    n = z0.shape[0]
+    excluded = layout_exclusions(cfg.layout, n, z0.device)
+    if cfg.layout == "ntxent":
+        lse = backend.negative_lse(torch.cat([u0, u1]), None, excluded, tau)
+        positive_cos = torch.cat([positive_cos, positive_cos])
+    elif cfg.layout == "cross":
+        lse = backend.negative_lse(u0, u1, excluded, tau)
+    elif cfg.layout == "cross_sym":
+        lse = torch.cat([backend.negative_lse(u0, u1, excluded, tau), backend.negative_lse(u1, u0, excluded, tau)])
+        positive_cos = torch.cat([positive_cos, positive_cos])
+    else:  # queue: the bank is normalized like the inputs and gets no gradient
+        _, bank = normalize_rows(negatives.detach())
+        lse = backend.negative_lse(u0, bank, excluded, tau)
+
+    d = positive_cos / tau - lse
+    loss = reduce_loss(anchor_loss(d, cfg), cfg.reduction)
+    return loss, make_stats(alignment, tau, d)

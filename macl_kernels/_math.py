@@ -1,0 +1,88 @@
+"""The per-anchor math of MATH.md sections 2-4, written once for every Python path.
+
+Backends only compute the O(M*C) part, the log-sum-exp over each anchor's
+negatives. Everything per anchor (the adaptive temperature, the stable loss
+``V * softplus(-d)`` and its gradient) is O(M) elementwise work and lives here,
+so the dense reference and every fused backend share one definition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._config import MACLConfig
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dots, log-sum-exps and gradients accumulate in float32 (float64 inputs: float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def adaptive_temperature(alignment: torch.Tensor, cfg: MACLConfig) -> torch.Tensor:
+    """tau from the (detached) alignment A, on A's device: no host synchronization."""
+    if cfg.schedule == "linear":
+        tau = cfg.temperature * (1.0 + cfg.alpha * (alignment - cfg.A_0))
+    else:  # "exp": the arXiv v1/v2 "MACLa" schedule
+        tau = cfg.temperature * torch.pow(torch.full_like(alignment, cfg.alpha), alignment)
+    # MATH.md section 2: nothing stops tau <= 0, so it is floored, never NaN.
+    return tau.clamp_min(cfg.min_temperature)
+
+
+def anchor_loss_value(d: torch.Tensor, reweight: bool, eps: float) -> torch.Tensor:
+    """loss_r = V * softplus(-d) with V = 1 / (sigmoid(-d) + eps), or V = 1 without reweighting."""
+    nll = F.softplus(-d)  # -log P, exact from d
+    if not reweight:
+        return nll
+    if eps > 0:
+        return nll / (torch.sigmoid(-d) + eps)
+    # eps = 0: V = 1 + e^d overflows for large d while softplus(-d) underflows.
+    # For d > 0 write e^d * softplus(-d) = log1p(t) / t with t = e^-d in (0, 1],
+    # which tends to 1 as t -> 0 (MATH.md: loss >= 1 always).
+    t = torch.exp(-d.clamp_min(0))
+    ratio = torch.where(t > 0, torch.log1p(t) / t.clamp_min(torch.finfo(d.dtype).tiny), torch.ones_like(t))
+    tail = torch.where(d > 0, ratio, torch.exp(d) * nll)
+    return nll + tail
+
+
+def anchor_loss_slope(d: torch.Tensor, reweight: bool, eps: float) -> torch.Tensor:
+    """w = -d loss_r / d d with V held constant: V * (1 - P), and 1 - P = sigmoid(-d)."""
+    one_minus_p = torch.sigmoid(-d)
+    if not reweight:
+        return one_minus_p
+    if eps > 0:
+        return one_minus_p / (one_minus_p + eps)
+    return torch.ones_like(d)  # V * (1 - P) = 1 exactly when eps = 0
+
+
+class _AnchorLoss(torch.autograd.Function):
+    """Per-anchor loss from d = l+ - LSE-, with V detached (MATH.md section 4).
+
+    Autograd of the closed form would multiply an overflowing V by an underflowing
+    sigmoid; the slope is exact and finite, so it is written out instead.
+    """
+
+    @staticmethod
+    def forward(ctx, d: torch.Tensor, reweight: bool, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(d)
+        ctx.reweight = reweight
+        ctx.eps = eps
+        return anchor_loss_value(d, reweight, eps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (d,) = ctx.saved_tensors
+        return -grad * anchor_loss_slope(d, ctx.reweight, ctx.eps), None, None
+
+
+def anchor_loss(d: torch.Tensor, cfg: MACLConfig) -> torch.Tensor:
+    """Differentiable per-anchor loss of MATH.md section 3."""
+    return _AnchorLoss.apply(d, cfg.reweight, cfg.eps)
+
+
+def reduce_loss(per_anchor: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_anchor.mean()
+    if reduction == "sum":
+        return per_anchor.sum()
+    return per_anchor

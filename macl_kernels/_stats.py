@@ -1,0 +1,19 @@
+"""The detached statistics of MATH.md section 5, returned with ``return_stats=True``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class MACLStats(NamedTuple):
+    """0-dim detached tensors on the input's device; reading them is the caller's sync."""
+
+    alignment: torch.Tensor  # A: mean cosine of the positive pairs
+    temperature: torch.Tensor  # tau used, after the floor
+    positive_prob: torch.Tensor  # mean over anchors of P = sigmoid(d)
+
+
+def make_stats(alignment: torch.Tensor, tau: torch.Tensor, d: torch.Tensor) -> MACLStats:
+    return MACLStats(alignment.detach(), tau.detach(), torch.sigmoid(d.detach()).mean())

@@ -1,0 +1,46 @@
+"""What a fused backend implements: the negatives' log-sum-exp, forward and backward.
+
+All of the O(M*C) work of the loss is one operation (MATH.md sections 3-4):
+
+    lse[r] = log sum_{c not excluded for r} exp(x[r] . y[c] / tau)
+
+- ``x``: (M, D) L2-normalized anchors; ``y``: (C, D) L2-normalized candidates of
+  the same dtype and device, or ``None`` when the candidates are the anchors
+  themselves (the ``ntxent`` layout), in which case the gradient returned for
+  ``x`` holds both roles: ``dx = (E + E^T) x``.
+- ``excluded``: (M, 2) int32, per anchor up to two candidate columns that are not
+  negatives (itself, its positive); -1 for none. The positive logit is a row-wise
+  dot computed outside the op, so the op only ever sees negatives.
+- ``tau``: 0-dim tensor in the accumulation dtype on the inputs' device, read by
+  the kernel (no host synchronization).
+- returns ``lse`` (M,) in the accumulation dtype (float32, float64 for float64).
+
+Its gradient, for an upstream ``h = dL/dlse``: ``E[r, c] = (h[r] / tau) *
+exp(x[r].y[c] / tau - lse[r])`` on negative columns, 0 elsewhere; ``dx = E y``,
+``dy = E^T x``, returned in the input dtype. Only ``lse`` (O(M)) is saved; the
+tiles are recomputed. Everything per anchor (tau, d, V, the reduction) is shared
+Python in :mod:`macl_kernels._math` and :mod:`macl_kernels._fused`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class Backend:
+    """A named implementation of :func:`negative_lse` for some devices."""
+
+    name: str = ""
+    devices: str = ""  # human-readable, for error messages and the README table
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """None if this backend can run on ``device``, else why not and how to fix it."""
+        raise NotImplementedError
+
+    def negative_lse(
+        self, x: torch.Tensor, y: Optional[torch.Tensor], excluded: torch.Tensor, tau: torch.Tensor
+    ) -> torch.Tensor:
+        """The differentiable negatives' log-sum-exp described in this module's docstring."""
+        raise NotImplementedError

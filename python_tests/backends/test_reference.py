@@ -1,0 +1,138 @@
+"""The dense reference against lightly, against scalar hand computation and MATH.md's closed forms."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import macl_kernels as mk
+from benchmarks.baselines import load_lightly_macl
+from python_tests.helpers import assert_rel_close, loss_and_grads, make_views
+
+
+@pytest.fixture(scope="module")
+def lightly_macl():
+    return load_lightly_macl().MACLLoss
+
+
+@pytest.mark.parametrize("n, d", [(2, 2), (3, 5), (17, 8), (64, 32)])
+@pytest.mark.parametrize("temperature, alpha, a0", [(0.1, 0.5, 0.0), (0.3, 1.0, 0.2), (0.05, 0.0, 0.0)])
+def test_reference_equals_lightly(lightly_macl, n, d, temperature, alpha, a0):
+    z0, z1, _ = make_views(n, d, torch.float64, seed=n)
+    a, b = z0.clone().requires_grad_(True), z1.clone().requires_grad_(True)
+    expected = lightly_macl(temperature=temperature, alpha=alpha, A_0=a0)(a, b)
+    expected.backward()
+    loss, grads = loss_and_grads(z0, z1, backend="reference", temperature=temperature, alpha=alpha, A_0=a0)
+    # lightly forms 1 - P by subtraction, which cancels when P is near 1 (tiny
+    # batches): its relative error is about 1e-16 / (1 - P), hence 1e-8, not 1e-15.
+    assert_rel_close(loss, expected.detach(), 1e-8, "loss")
+    assert_rel_close(grads[0], a.grad, 1e-8, "dz0")
+    assert_rel_close(grads[1], b.grad, 1e-8, "dz1")
+
+
+def _scalar_anchor_loss(pos, negs, tau, reweight, eps):
+    """MATH.md section 3 by hand, with Python floats."""
+    num = math.exp(pos / tau)
+    p = num / (num + sum(math.exp(s / tau) for s in negs))
+    v = 1 / (1 - p + eps) if reweight else 1.0
+    return -v * math.log(p)
+
+
+def _unit(v):
+    norm = math.sqrt(sum(x * x for x in v))
+    return [x / norm for x in v]
+
+
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("layout", ["ntxent", "cross", "cross_sym", "queue"])
+@pytest.mark.parametrize("schedule, alpha", [("linear", 0.5), ("exp", 2.0)])
+@pytest.mark.parametrize("reweight", [True, False])
+def test_reference_equals_hand_computation_for_two_pairs(layout, schedule, alpha, reweight):
+    z0 = [[1.0, 0.0], [0.6, 0.8]]
+    z1 = [[0.8, 0.6], [0.0, 2.0]]
+    bank = [[-1.0, 1.0], [3.0, -1.0], [0.0, -0.5]]
+    u0, u1, q = [_unit(v) for v in z0], [_unit(v) for v in z1], [_unit(v) for v in bank]
+    a = (_dot(u0[0], u1[0]) + _dot(u0[1], u1[1])) / 2
+    tau = 0.2 * (1 + alpha * (a - 0.1)) if schedule == "linear" else 0.2 * alpha**a
+    if layout == "ntxent":
+        x = u0 + u1
+        problems = [(x[r], x[(r + 2) % 4], [x[c] for c in range(4) if c not in (r, (r + 2) % 4)]) for r in range(4)]
+    elif layout == "cross":
+        problems = [(u0[r], u1[r], [u1[1 - r]]) for r in range(2)]
+    elif layout == "cross_sym":
+        problems = [(u0[r], u1[r], [u1[1 - r]]) for r in range(2)] + [(u1[r], u0[r], [u0[1 - r]]) for r in range(2)]
+    else:
+        problems = [(u0[r], u1[r], q) for r in range(2)]
+    expected = [
+        _scalar_anchor_loss(_dot(x, p), [_dot(x, y) for y in negs], tau, reweight, 1e-8) for x, p, negs in problems
+    ]
+
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    loss, stats = mk.macl_loss(
+        t(z0), t(z1), temperature=0.2, alpha=alpha, A_0=0.1 if schedule == "linear" else 0.0,
+        schedule=schedule, reweight=reweight, layout=layout, reduction="none",
+        negatives=t(bank) if layout == "queue" else None, backend="reference", return_stats=True,
+    )  # fmt: skip
+    torch.testing.assert_close(loss, t(expected), rtol=1e-12, atol=0)
+    assert stats.alignment.item() == pytest.approx(a, rel=1e-12)
+    assert stats.temperature.item() == pytest.approx(tau, rel=1e-12)
+
+
+def test_gradient_matches_closed_form_of_math_section_4():
+    """G = (g V / tau)(P - [c = pos]), dX = (G + G^T) X, then back through the normalization."""
+    n, eps = 5, 1e-8
+    z0, z1, _ = make_views(n, 4, torch.float64, seed=3)
+    loss, grads = loss_and_grads(z0, z1, backend="reference", reduction="none")
+
+    z = torch.cat([z0, z1])
+    norms = z.norm(dim=1, keepdim=True)
+    x = z / norms
+    a = (x[:n] * x[n:]).sum(1).mean()
+    tau = 0.1 * (1 + 0.5 * a)
+    logits = (x @ x.T / tau).fill_diagonal_(float("-inf"))
+    prob = logits.softmax(dim=1)
+    pos = (torch.arange(2 * n) + n) % (2 * n)
+    p_pos = prob[torch.arange(2 * n), pos]
+    v = 1 / (1 - p_pos + eps)
+    upstream = 0.5 + torch.rand(2 * n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    onehot = F.one_hot(pos, 2 * n).double()
+    g = (upstream * v / tau)[:, None] * (prob - onehot)
+    dx = (g + g.T) @ x
+    dz = (dx - x * (x * dx).sum(1, keepdim=True)) / norms
+    assert_rel_close(torch.cat(grads), dz, 1e-10, "dz")
+
+
+def test_plain_nt_xent_equals_cross_entropy_form():
+    z0, z1, _ = make_views(9, 6, torch.float64, seed=4)
+    x = F.normalize(torch.cat([z0, z1]), dim=1)
+    logits = (x @ x.T / 0.2).fill_diagonal_(float("-inf"))
+    target = (torch.arange(18) + 9) % 18
+    expected = F.cross_entropy(logits, target)
+    for backend in ("reference", "torch"):
+        got = mk.nt_xent_loss(z0, z1, temperature=0.2, backend=backend)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_stats_are_detached_and_consistent():
+    z0, z1, _ = make_views(12, 7, torch.float64, seed=5)
+    a = z0.clone().requires_grad_(True)
+    _, stats = mk.macl_loss(a, z1, backend="reference", return_stats=True)
+    assert all(not s.requires_grad and s.dim() == 0 for s in stats)
+    u0, u1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
+    assert stats.alignment.item() == pytest.approx((u0 * u1).sum(1).mean().item(), rel=1e-12)
+    assert stats.temperature.item() == pytest.approx(0.1 * (1 + 0.5 * stats.alignment.item()), rel=1e-12)
+    assert 0 < stats.positive_prob.item() < 1
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reductions_are_consistent(reduction):
+    z0, z1, _ = make_views(6, 3, torch.float64, seed=6)
+    per_anchor = mk.macl_loss(z0, z1, backend="reference", reduction="none")
+    assert per_anchor.shape == (12,)
+    reduced = mk.macl_loss(z0, z1, backend="reference", reduction=reduction)
+    expected = per_anchor.sum() if reduction == "sum" else per_anchor.mean()
+    assert reduced.item() == pytest.approx(expected.item(), rel=1e-14)

@@ -1,0 +1,89 @@
+"""Bad input fails before any compute, with an error naming the argument."""
+
+import pytest
+import torch
+
+import macl_kernels as mk
+
+Z = torch.randn(4, 3)
+
+
+def views(n=4, d=3, **kw):
+    return torch.randn(n, d, **kw), torch.randn(n, d, **kw)
+
+
+@pytest.mark.parametrize(
+    "z0, z1, kwargs, error, match",
+    [
+        (torch.randn(4), Z, {}, ValueError, "z0 must be 2-D"),
+        (Z, torch.randn(4, 3, 1), {}, ValueError, "z1 must be 2-D"),
+        (Z, torch.randn(5, 3), {}, ValueError, "same shape"),
+        (torch.randn(1, 3), torch.randn(1, 3), {}, ValueError, "at least 2 rows"),
+        (torch.randn(4, 0), torch.randn(4, 0), {}, ValueError, "embedding dimension"),
+        (torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long), {}, TypeError, "floating-point"),
+        (Z, Z.double(), {}, TypeError, "same dtype"),
+        (Z, Z, {"temperature": 0.0}, ValueError, "temperature must be > 0"),
+        (Z, Z, {"temperature": -0.1}, ValueError, "temperature must be > 0"),
+        (Z, Z, {"temperature": float("nan")}, ValueError, "temperature must be finite"),
+        (Z, Z, {"temperature": float("inf")}, ValueError, "temperature must be finite"),
+        (Z, Z, {"temperature": "0.1"}, TypeError, "temperature must be a real number"),
+        (Z, Z, {"temperature": True}, TypeError, "temperature must be a real number"),
+        (Z, Z, {"alpha": float("nan")}, ValueError, "alpha must be finite"),
+        (Z, Z, {"A_0": float("inf")}, ValueError, "A_0 must be finite"),
+        (Z, Z, {"eps": -1e-8}, ValueError, "eps must be >= 0"),
+        (Z, Z, {"min_temperature": 0.0}, ValueError, "min_temperature must be > 0"),
+        (Z, Z, {"schedule": "cosine"}, ValueError, "unknown schedule"),
+        (Z, Z, {"schedule": "exp", "alpha": 0.0}, ValueError, "alpha must be > 0 for schedule='exp'"),
+        (Z, Z, {"layout": "simclr"}, ValueError, "unknown layout"),
+        (Z, Z, {"reduction": "avg"}, ValueError, "unknown reduction"),
+        (Z, Z, {"reduction": None}, TypeError, "reduction must be a string"),
+        (Z, Z, {"backend": "fast"}, ValueError, "unknown backend"),
+        (Z, Z, {"backend": 1}, TypeError, "backend must be a string"),
+        (Z, Z, {"reweight": 1}, TypeError, "reweight must be a bool"),
+        (Z, Z, {"return_stats": "yes"}, TypeError, "return_stats must be a bool"),
+        (Z, Z, {"layout": "queue"}, ValueError, "needs negatives="),
+        (Z, Z, {"layout": "queue", "negatives": torch.randn(5, 4)}, ValueError, "embedding width"),
+        (Z, Z, {"layout": "queue", "negatives": torch.randn(0, 3)}, ValueError, "at least one row"),
+        (Z, Z, {"layout": "queue", "negatives": torch.randn(5)}, ValueError, "negatives must be 2-D"),
+        (
+            Z,
+            Z,
+            {"layout": "queue", "negatives": torch.randn(5, 3).double()},
+            TypeError,
+            "negatives must have the dtype",
+        ),
+        (Z, Z, {"layout": "queue", "negatives": [[1.0, 2.0, 3.0]]}, TypeError, "negatives must be a torch.Tensor"),
+        (Z, Z, {"negatives": torch.randn(5, 3)}, ValueError, "only used by layout='queue'"),
+        ([[1.0]], Z, {}, TypeError, "z0 must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_names_the_argument(z0, z1, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mk.macl_loss(z0, z1, **kwargs)
+
+
+def test_mismatched_devices_are_rejected():
+    meta = torch.randn(4, 3, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        mk.macl_loss(Z, meta)
+
+
+def test_bad_settings_fail_at_module_construction():
+    with pytest.raises(ValueError, match="temperature"):
+        mk.MACLLoss(temperature=0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        mk.MACLLoss(backend="nope")
+    with pytest.raises(TypeError, match="NTXentLoss fixes alpha"):
+        mk.NTXentLoss(alpha=0.5)
+
+
+def test_checks_run_before_any_compute(monkeypatch):
+    # A backend that fails loudly if reached: bad input must never get that far.
+    from macl_kernels.backends.torch_chunked import TorchBackend
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a kernel ran on bad input")
+
+    monkeypatch.setattr(TorchBackend, "negative_lse", boom)
+    with pytest.raises(ValueError, match="negatives"):
+        mk.macl_loss(Z, Z, layout="queue", backend="torch")

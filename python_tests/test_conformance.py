@@ -1,0 +1,140 @@
+"""Every fused backend answers to the same tests: the float64 reference, MATH.md section 6.
+
+The backends are those that can run on the CPU here (Triton under its
+interpreter); ``benchmarks/gpu_check.sh`` runs this file on a GPU as well, where
+``MACL_TEST_DEVICE=cuda`` moves every case onto the device. Sizes stay small so
+that interpreted kernels finish in seconds.
+"""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import macl_kernels as mk
+from python_tests.helpers import (
+    DTYPES,
+    assert_matches_reference,
+    bitwise_equal,
+    fused_backends,
+    loss_and_grads,
+    make_views,
+    stats_dict,
+)
+
+DEVICE = os.environ.get("MACL_TEST_DEVICE", "cpu")
+BACKENDS = fused_backends(DEVICE)
+LAYOUTS = ("ntxent", "cross", "cross_sym", "queue")
+BANK_ROWS = 11  # queue layout: an odd number of bank rows
+
+
+def views(n, d, dtype=torch.float32, seed=0, layout="ntxent", **kw):
+    z0, z1, bank = make_views(n, d, dtype, seed=seed, device=DEVICE, bank_rows=BANK_ROWS, **kw)
+    return z0, z1, (bank if layout == "queue" else None)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "layout, schedule, reweight, reduction",
+    list(itertools.product(LAYOUTS, ("linear", "exp"), (True, False), ("mean", "sum", "none"))),
+)
+def test_every_setting_matches_reference(backend, layout, schedule, reweight, reduction):
+    z0, z1, bank = views(17, 9, torch.float64, seed=1, layout=layout)
+    alpha = 2.0 if schedule == "exp" else 0.5
+    assert_matches_reference(
+        backend, z0, z1, bank, layout=layout, schedule=schedule, alpha=alpha, reweight=reweight, reduction=reduction
+    )
+
+
+@pytest.mark.parametrize("n, d", list(itertools.product((2, 3, 17, 130), (1, 3, 64, 129))))
+@pytest.mark.parametrize("layout", ["ntxent", "cross_sym"])
+def test_odd_shapes_match_reference(backend, n, d, layout):
+    z0, z1, bank = views(n, d, seed=n + d, layout=layout)
+    assert_matches_reference(backend, z0, z1, bank, layout=layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dtypes_match_reference_within_math_tolerances(backend, dtype, layout):
+    z0, z1, bank = views(33, 40, dtype, seed=2, layout=layout)
+    assert_matches_reference(backend, z0, z1, bank, layout=layout)
+
+
+def test_non_contiguous_views(backend):
+    z0, z1, _ = views(19, 24, seed=3)
+    wide = torch.cat([z0, z1], dim=1)  # z0 and z1 as strided column slices
+    assert not wide[:, :24].is_contiguous()
+    assert_matches_reference(backend, wide[:, :24], wide[:, 24:])
+    assert_matches_reference(backend, z0.T.contiguous().T, z1[::1])
+
+
+EDGE_CASES = {
+    "zero rows": dict(mutate=lambda z0, z1: (z0.index_fill(0, torch.tensor([0, 3]), 0.0), z1)),
+    "duplicated rows": dict(mutate=lambda z0, z1: (z0.index_copy(0, torch.tensor([1]), z0[2:3]), z1)),
+    "identical views": dict(mutate=lambda z0, z1: (z0, z0.clone())),
+    "tau at its floor": dict(kwargs=dict(temperature=0.1, alpha=1.0, A_0=1.0, min_temperature=1e-3)),
+    "confident positives (1 - P < 1e-30)": dict(kwargs=dict(temperature=0.005), correlation=0.0),
+    "exact reweighting eps = 0": dict(kwargs=dict(eps=0.0, temperature=0.005), correlation=0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_finite_and_exact_on_edge_cases(backend, case, dtype):
+    spec = EDGE_CASES[case]
+    z0, z1, _ = views(10, 6, dtype, seed=4, correlation=spec.get("correlation", 0.5))
+    if spec.get("correlation") == 0.0:
+        z1 = z0 + 1e-3 * torch.randn_like(z0)  # nearly identical views: d is huge
+    if "mutate" in spec:
+        z0, z1 = spec["mutate"](z0, z1)
+    kwargs = spec.get("kwargs", {})
+    loss, grads = loss_and_grads(z0, z1, backend=backend, reduction="none", **kwargs)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+    assert_matches_reference(backend, z0, z1, reduction="none", **kwargs)
+
+
+def test_two_pairs_every_layout(backend):
+    for layout in LAYOUTS:
+        z0, z1, bank = views(2, 4, torch.float64, seed=5, layout=layout)
+        assert_matches_reference(backend, z0, z1, bank, layout=layout, reduction="none")
+
+
+def test_statistics_match_reference(backend):
+    z0, z1, _ = views(21, 8, torch.float64, seed=6)
+    _, stats = mk.macl_loss(z0, z1, backend=backend, return_stats=True)
+    _, ref = mk.macl_loss(z0, z1, backend="reference", return_stats=True)
+    got, expected = stats_dict(stats), stats_dict(ref)
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_float64(backend, layout):
+    # alpha = 0 and reweight = False: no detached factor, so finite differences apply.
+    z0, z1, bank = views(4, 3, torch.float64, seed=7, layout=layout)
+    z0.requires_grad_(True)
+    z1.requires_grad_(True)
+
+    def f(a, b):
+        return mk.macl_loss(a, b, negatives=bank, layout=layout, alpha=0.0, reweight=False, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (z0, z1))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_deterministic(backend, layout):
+    z0, z1, bank = views(67, 20, seed=8, layout=layout)
+    first = loss_and_grads(z0, z1, bank, backend=backend, layout=layout)
+    second = loss_and_grads(z0, z1, bank, backend=backend, layout=layout)
+    assert bitwise_equal([first[0], *first[1]], [second[0], *second[1]])
+
+
+def test_module_form_equals_function(backend):
+    z0, z1, _ = views(9, 5, seed=9)
+    criterion = mk.MACLLoss(temperature=0.2, alpha=0.3, backend=backend)
+    assert torch.equal(criterion(z0, z1), mk.macl_loss(z0, z1, temperature=0.2, alpha=0.3, backend=backend))
+    assert torch.equal(mk.NTXentLoss(backend=backend)(z0, z1), mk.nt_xent_loss(z0, z1, backend=backend))
