@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ._config import MACLConfig
-from ._math import accumulation_dtype, adaptive_temperature, anchor_loss, reduce_loss
+from ._math import adaptive_temperature, anchor_loss, reduce_loss
 from ._stats import MACLStats, make_stats
-from .backends.base import Backend
+from .backends.base import Backend, normalize_rows
 
 NO_COLUMN = -1  # an unused slot of the excluded-columns table
 
@@ -39,12 +38,6 @@ def layout_exclusions(layout: str, n: int, device: torch.device) -> torch.Tensor
     return excluded_columns(torch.full_like(rows, NO_COLUMN))  # queue: the bank holds negatives only
 
 
-def normalize_rows(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(u in the accumulation dtype, u in the input dtype for the O(M*C) kernels)."""
-    u_acc = F.normalize(z.to(accumulation_dtype(z.dtype)), dim=1, eps=1e-12)
-    return u_acc, u_acc.to(z.dtype)
-
-
 def fused_macl_loss(
     z0: torch.Tensor,
     z1: torch.Tensor,
@@ -53,9 +46,7 @@ def fused_macl_loss(
     backend: Backend,
 ) -> Tuple[torch.Tensor, MACLStats]:
     """The MACL loss through ``backend``; inputs are assumed already checked."""
-    u0_acc, u0 = normalize_rows(z0)
-    u1_acc, u1 = normalize_rows(z1)
-    positive_cos = (u0_acc * u1_acc).sum(dim=1)  # s+ of each pair, differentiable
+    u0, u1, positive_cos = backend.normalize(z0, z1)
     alignment = positive_cos.detach().mean()
     tau = adaptive_temperature(alignment, cfg)
 

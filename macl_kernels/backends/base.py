@@ -24,9 +24,12 @@ Python in :mod:`macl_kernels._math` and :mod:`macl_kernels._fused`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+
+from .._math import accumulation_dtype
 
 
 class Backend:
@@ -39,8 +42,25 @@ class Backend:
         """None if this backend can run on ``device``, else why not and how to fix it."""
         raise NotImplementedError
 
+    def normalize(self, z0: torch.Tensor, z1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prologue: ``(u0, u1, s+)``, differentiable.
+
+        ``u0``, ``u1`` are the L2-normalized rows in the input dtype (what
+        :meth:`negative_lse` reads) and ``s+`` the N positive cosines ``u0[i].u1[i]``
+        in the accumulation dtype. Backends may override it with a fused kernel.
+        """
+        u0_acc, u0 = normalize_rows(z0)
+        u1_acc, u1 = normalize_rows(z1)
+        return u0, u1, (u0_acc * u1_acc).sum(dim=1)
+
     def negative_lse(
         self, x: torch.Tensor, y: Optional[torch.Tensor], excluded: torch.Tensor, tau: torch.Tensor
     ) -> torch.Tensor:
         """The differentiable negatives' log-sum-exp described in this module's docstring."""
         raise NotImplementedError
+
+
+def normalize_rows(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``z / max(||z||, 1e-12)`` computed in the accumulation dtype: (that, that cast back to z's dtype)."""
+    u_acc = F.normalize(z.to(accumulation_dtype(z.dtype)), dim=1, eps=1e-12)
+    return u_acc, u_acc.to(z.dtype)
