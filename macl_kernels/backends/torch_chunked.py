@@ -49,7 +49,6 @@ class _ChunkedNegativeLSE(torch.autograd.Function):
             logits = _block_logits(x_acc[start:stop], cand, excluded[start:stop], inv_tau)
             lse[start:stop] = torch.logsumexp(logits, dim=1)
         ctx.save_for_backward(x, y, excluded, tau, lse)
-        ctx.mark_non_differentiable(excluded)
         return lse
 
     @staticmethod
