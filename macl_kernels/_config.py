@@ -38,6 +38,7 @@ class MACLConfig:
     min_temperature: float = DEFAULT_MIN_TEMPERATURE
     layout: str = "ntxent"
     reduction: str = "mean"
+    gather_distributed: bool = False  # anchors against every rank's candidates (macl_kernels.distributed)
 
     def __post_init__(self) -> None:
         _check_real("temperature", self.temperature, positive=True)
@@ -49,6 +50,9 @@ class MACLConfig:
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("reduction", self.reduction, REDUCTIONS)
         _check_bool("reweight", self.reweight)
+        _check_bool("gather_distributed", self.gather_distributed)
+        if self.gather_distributed and not torch.distributed.is_available():
+            raise ValueError("gather_distributed=True needs torch.distributed, which this PyTorch build lacks")
         if self.schedule == "exp" and self.alpha <= 0:
             raise ValueError(f"alpha must be > 0 for schedule='exp' (tau = temperature * alpha**A), got {self.alpha}")
 

@@ -3,7 +3,8 @@
 Per layout (MATH.md section 1) this normalizes the views, takes the positive
 cosines as row-wise dots, derives A and tau on the device, asks the backend for
 the log-sum-exp over each anchor's negatives and finishes with the shared
-per-anchor math. Only O(N*D) tensors are ever formed here.
+per-anchor math. Only O(N*D) tensors are ever formed here (across ranks:
+O(world_size * N * D) for the gathered candidates).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import distributed
 from ._config import MACLConfig
 from ._math import adaptive_temperature, anchor_loss, reduce_loss
 from ._stats import MACLStats, make_stats
@@ -27,12 +29,17 @@ def excluded_columns(first: torch.Tensor, second: Optional[torch.Tensor] = None)
     return torch.stack([first, second], dim=1).to(torch.int32)
 
 
-def layout_exclusions(layout: str, n: int, device: torch.device) -> torch.Tensor:
-    """Per-anchor excluded columns of a single-process batch of n pairs."""
-    rows = torch.arange(n, device=device)
+def layout_exclusions(layout: str, n: int, device: torch.device, *, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """Per-anchor excluded columns of the n pairs of one rank, in a global batch of world_size * n pairs.
+
+    The candidates are those of the global batch (for ``ntxent``: all u0 rows, then
+    all u1 rows), in which this rank's pairs start at row ``rank * n``.
+    """
+    rows = torch.arange(n, device=device) + rank * n
     if layout == "ntxent":
-        anchors = torch.arange(2 * n, device=device)
-        return excluded_columns(anchors, (anchors + n) % (2 * n))  # itself and its positive
+        total = world_size * n
+        anchors = torch.cat([rows, rows + total])
+        return excluded_columns(anchors, (anchors + total) % (2 * total))  # itself and its positive
     if layout in ("cross", "cross_sym"):
         return excluded_columns(rows)  # the positive column
     return excluded_columns(torch.full_like(rows, NO_COLUMN))  # queue: the bank holds negatives only
@@ -67,3 +74,44 @@ def fused_macl_loss(
     d = positive_cos / tau - lse
     loss = reduce_loss(anchor_loss(d, cfg), cfg.reduction)
     return loss, make_stats(alignment, tau, d)
+
+
+def fused_macl_loss_across_ranks(
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    negatives: Optional[torch.Tensor],
+    cfg: MACLConfig,
+    backend: Backend,
+    with_stats: bool = True,
+) -> Tuple[torch.Tensor, Optional[MACLStats]]:
+    """This rank's anchors against the candidates of every rank (see :mod:`macl_kernels.distributed`).
+
+    Inputs are assumed checked, also for agreement across ranks. The backend sees
+    the "local anchors x global candidates" form of its op: ``y`` is never None.
+    """
+    u0, u1, positive_cos = backend.normalize(z0, z1)
+    alignment = distributed.global_mean(positive_cos)  # one A, hence one tau, on every rank
+    tau = adaptive_temperature(alignment, cfg)
+
+    n = z0.shape[0]
+    excluded = layout_exclusions(cfg.layout, n, z0.device, rank=distributed.rank(), world_size=distributed.world_size())
+    if cfg.layout == "ntxent":
+        candidates = distributed.gather_views(u0, u1).flatten(0, 1)
+        lse = backend.negative_lse(torch.cat([u0, u1]), candidates, excluded, tau)
+        positive_cos = torch.cat([positive_cos, positive_cos])
+    elif cfg.layout == "cross":
+        lse = backend.negative_lse(u0, distributed.gather_rows(u1), excluded, tau)
+    elif cfg.layout == "cross_sym":
+        all_u0, all_u1 = distributed.gather_views(u0, u1)
+        lse = torch.cat(
+            [backend.negative_lse(u0, all_u1, excluded, tau), backend.negative_lse(u1, all_u0, excluded, tau)]
+        )
+        positive_cos = torch.cat([positive_cos, positive_cos])
+    else:  # queue: the bank is shared by the ranks, not gathered; only tau is global
+        _, bank = normalize_rows(negatives.detach())
+        lse = backend.negative_lse(u0, bank, excluded, tau)
+
+    d = positive_cos / tau - lse
+    loss = reduce_loss(anchor_loss(d, cfg), cfg.reduction)
+    stats = MACLStats(alignment, tau.detach(), distributed.global_mean(torch.sigmoid(d))) if with_stats else None
+    return loss, stats

@@ -7,9 +7,9 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, distributed
 from ._config import DEFAULT_MIN_TEMPERATURE, MACLConfig, check_inputs
-from ._fused import fused_macl_loss
+from ._fused import fused_macl_loss, fused_macl_loss_across_ranks
 from ._stats import MACLStats
 from .backends.reference import macl_loss_reference
 
@@ -21,7 +21,13 @@ def _run(z0, z1, negatives, cfg: MACLConfig, backend: str, return_stats: bool) -
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     check_inputs(z0, z1, negatives, cfg.layout)
     impl = backends.resolve(backend, z0.device)
-    if impl == backends.REFERENCE:
+    if cfg.gather_distributed and distributed.world_size() > 1:
+        distributed.check_same_problem(z0, cfg.layout)
+        if impl == backends.REFERENCE:
+            loss, stats = distributed.reference_loss_across_ranks(z0, z1, negatives, cfg)
+        else:
+            loss, stats = fused_macl_loss_across_ranks(z0, z1, negatives, cfg, impl, with_stats=return_stats)
+    elif impl == backends.REFERENCE:
         loss, stats = macl_loss_reference(z0, z1, negatives, cfg)
     else:
         loss, stats = fused_macl_loss(z0, z1, negatives, cfg, impl)
@@ -42,6 +48,7 @@ def macl_loss(
     layout: str = "ntxent",
     negatives: Optional[torch.Tensor] = None,
     reduction: str = "mean",
+    gather_distributed: bool = False,
     backend: str = "auto",
     return_stats: bool = False,
 ) -> LossOutput:
@@ -53,6 +60,13 @@ def macl_loss(
     See MATH.md for ``layout`` (``"ntxent"``, ``"cross"``, ``"cross_sym"``,
     ``"queue"`` with ``negatives=`` the K x D bank), ``schedule`` (``"linear"``,
     ``"exp"``) and ``reduction`` (``"mean"``, ``"sum"``, ``"none"``).
+
+    ``gather_distributed=True`` (lightly's name), inside an initialized process
+    group of more than one rank: the anchors of this rank against the candidates
+    of all ranks, with one global tau; the loss is over this rank's anchors and
+    DDP's gradient averaging yields the gradient of the global loss (see
+    :mod:`macl_kernels.distributed`). Without a group, or with one rank, it changes
+    nothing.
 
     ``backend``: ``"auto"`` (fastest available for the device), ``"reference"``
     (dense, for checking) or a fused backend name, see
@@ -71,6 +85,7 @@ def macl_loss(
         min_temperature=min_temperature,
         layout=layout,
         reduction=reduction,
+        gather_distributed=gather_distributed,
     )
     return _run(z0, z1, negatives, cfg, backend, return_stats)
 
@@ -83,6 +98,7 @@ def nt_xent_loss(
     layout: str = "ntxent",
     negatives: Optional[torch.Tensor] = None,
     reduction: str = "mean",
+    gather_distributed: bool = False,
     backend: str = "auto",
     return_stats: bool = False,
 ) -> LossOutput:
@@ -96,6 +112,7 @@ def nt_xent_loss(
         layout=layout,
         negatives=negatives,
         reduction=reduction,
+        gather_distributed=gather_distributed,
         backend=backend,
         return_stats=return_stats,
     )
@@ -120,6 +137,7 @@ class MACLLoss(nn.Module):
         min_temperature: float = DEFAULT_MIN_TEMPERATURE,
         layout: str = "ntxent",
         reduction: str = "mean",
+        gather_distributed: bool = False,
         backend: str = "auto",
         return_stats: bool = False,
     ) -> None:
@@ -135,6 +153,7 @@ class MACLLoss(nn.Module):
             min_temperature=min_temperature,
             layout=layout,
             reduction=reduction,
+            gather_distributed=gather_distributed,
         )
         backends.check_name(backend)
         if not isinstance(return_stats, bool):
@@ -150,7 +169,7 @@ class MACLLoss(nn.Module):
         return (
             f"temperature={c.temperature}, alpha={c.alpha}, A_0={c.A_0}, schedule={c.schedule!r}, "
             f"reweight={c.reweight}, eps={c.eps}, layout={c.layout!r}, reduction={c.reduction!r}, "
-            f"backend={self.backend!r}"
+            f"gather_distributed={c.gather_distributed}, backend={self.backend!r}"
         )
 
 
