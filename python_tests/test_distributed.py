@@ -32,14 +32,22 @@ def _case(backend, layout, schedule="linear", reweight=True, dtype=torch.float64
     return case
 
 
+# Backends that run in an interpreter on this CPU (Triton): every setting once in
+# float32 and a float64 sample, so that the file stays within its time budget.
+INTERPRETED = ("triton",)
+
+
 def _cases():
     cases = []
     for backend in [*fused_backends("cpu"), "reference"]:
-        for layout, schedule, reweight, dtype in itertools.product(
-            LAYOUTS, ("linear", "exp"), (True, False), (torch.float64, torch.float32)
-        ):
+        dtypes = (torch.float64, torch.float32)
+        for layout, schedule, reweight, dtype in itertools.product(LAYOUTS, ("linear", "exp"), (True, False), dtypes):
+            if backend in INTERPRETED and dtype == torch.float64 and (schedule, reweight) != ("linear", True):
+                continue
             cases.append(_case(backend, layout, schedule, reweight, dtype))
         for layout, reduction in itertools.product(LAYOUTS, ("sum", "none")):
+            if backend in INTERPRETED and layout != "ntxent":
+                continue
             cases.append(_case(backend, layout, reduction=reduction))
         cases.append(_case(backend, "ntxent", stats=True))
         cases.append(_case(backend, "queue", stats=True, schedule="exp"))
