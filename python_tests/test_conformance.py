@@ -15,6 +15,7 @@ import torch
 import macl_kernels as mk
 from python_tests.helpers import (
     DTYPES,
+    TOLERANCE,
     assert_matches_reference,
     bitwise_equal,
     fused_backends,
@@ -89,13 +90,17 @@ def test_finite_and_exact_on_edge_cases(backend, case, dtype):
     spec = EDGE_CASES[case]
     z0, z1, _ = views(10, 6, dtype, seed=4, correlation=spec.get("correlation", 0.5))
     if spec.get("correlation") == 0.0:
-        z1 = z0 + 1e-3 * torch.randn_like(z0)  # nearly identical views: d is huge
+        # Nearly identical views: d is huge. Seeded, so the inputs do not depend on test order.
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        z1 = z0 + 1e-3 * noise.to(z0)
     if "mutate" in spec:
         z0, z1 = spec["mutate"](z0, z1)
     kwargs = spec.get("kwargs", {})
     loss, grads = loss_and_grads(z0, z1, backend=backend, reduction="none", **kwargs)
     assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
-    assert_matches_reference(backend, z0, z1, reduction="none", **kwargs)
+    # A cosine's rounding error (about 1 ulp) reaches the logits as ulp / tau: MATH.md's tolerances hold at tau ~ 0.1.
+    tol = TOLERANCE[dtype] * max(1.0, 0.1 / kwargs.get("temperature", 0.1))
+    assert_matches_reference(backend, z0, z1, reduction="none", tol=tol, **kwargs)
 
 
 def test_two_pairs_every_layout(backend):
