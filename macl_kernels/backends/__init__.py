@@ -12,6 +12,7 @@ import torch
 
 from .base import Backend
 from .torch_chunked import TorchBackend
+from .triton import TritonBackend
 
 REFERENCE = "reference"
 
@@ -20,7 +21,7 @@ _REGISTRY: Dict[str, Backend] = {}
 # What backend="auto" tries, in order, per device type; the first available wins.
 # Names that are not registered (an extension that was not built) are skipped.
 AUTO_ORDER: Dict[str, List[str]] = {
-    "cuda": ["torch"],
+    "cuda": ["triton", "torch"],
     "cpu": ["torch"],
 }
 AUTO_FALLBACK = "torch"
@@ -31,6 +32,7 @@ def register(backend: Backend) -> None:
 
 
 register(TorchBackend())
+register(TritonBackend())
 
 
 def known_backends() -> List[str]:

@@ -1,0 +1,27 @@
+"""How the host code launches kernels: traceable by torch.compile on GPUs, plain calls in the interpreter."""
+
+from __future__ import annotations
+
+import torch
+
+from .configs import INTERPRET
+
+
+def launcher(kernel):
+    """``kernel`` wrapped so that make_fx / torch.compile record it as a graph node.
+
+    Under TRITON_INTERPRET=1 the kernel is a Python function that needs real data,
+    so it is called directly (the ops are then registered opaque, see ops.py).
+    """
+    if INTERPRET:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def dot_flags(dtype: torch.dtype, tf32: bool) -> dict:
+    """The dot's constexpr flags: TF32 only for fp32 operands, bf16 upcast only in the interpreter."""
+    return {"TF32": bool(tf32) and dtype == torch.float32, "UPCAST_BF16": INTERPRET}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32

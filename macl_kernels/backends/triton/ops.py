@@ -1,0 +1,162 @@
+"""The Triton kernels as PyTorch operators: schemas, fake (shape-only) kernels, autograd.
+
+On GPUs the ops are ``torch.library.triton_op`` s, so ``torch.compile`` sees the
+kernels inside them (``wrap_triton``) and can trace a whole training step with
+``fullgraph=True``. Under ``TRITON_INTERPRET=1`` a kernel is a Python function
+that needs real data and cannot become a graph node, so the same functions are
+registered as opaque ``custom_op`` s instead; schemas, fakes and autograd are
+identical either way. The backward ops are plain (not differentiable): the loss
+has no double backward.
+
+No ``from __future__ import annotations`` here: the schemas are inferred from the
+annotations at runtime.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import backward, forward, prologue
+from .configs import INTERPRET
+from .launch import accumulation_dtype
+
+NAMESPACE = "macl_kernels"
+
+
+def _define(name: str, fn):
+    qualified = f"{NAMESPACE}::{name}"
+    if INTERPRET:
+        return torch.library.custom_op(qualified, fn, mutates_args=())
+    return torch.library.triton_op(qualified, fn, mutates_args=())
+
+
+# -- the prologue: normalization and positive cosines ---------------------------------------
+
+
+def _normalize(
+    z0: torch.Tensor, z1: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return prologue.normalize_pair(z0, z1)
+
+
+def _normalize_backward(
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    norm0: torch.Tensor,
+    norm1: torch.Tensor,
+    grad_u0: Optional[torch.Tensor],
+    grad_u1: Optional[torch.Tensor],
+    grad_cos: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return prologue.normalize_pair_backward(z0, z1, norm0, norm1, grad_u0, grad_u1, grad_cos)
+
+
+normalize = _define("triton_normalize", _normalize)
+normalize_backward = _define("triton_normalize_backward", _normalize_backward)
+
+
+@normalize.register_fake
+def _(z0, z1):
+    acc = accumulation_dtype(z0.dtype)
+    n, d = z0.shape
+    rows = z0.new_empty((n, d))
+    return rows, torch.empty_like(rows), *(z0.new_empty(n, dtype=acc) for _ in range(3))
+
+
+@normalize_backward.register_fake
+def _(z0, z1, norm0, norm1, grad_u0, grad_u1, grad_cos):
+    return z0.new_empty(z0.shape), z1.new_empty(z1.shape)
+
+
+def _normalize_setup(ctx, inputs, output):
+    z0, z1 = inputs
+    *_, norm0, norm1 = output
+    ctx.mark_non_differentiable(norm0, norm1)
+    ctx.set_materialize_grads(False)  # a view without upstream gradient (queue's u1) stays None
+    ctx.save_for_backward(z0, z1, norm0, norm1)
+
+
+def _normalize_grad(ctx, grad_u0, grad_u1, grad_cos, _grad_norm0, _grad_norm1):
+    z0, z1, norm0, norm1 = ctx.saved_tensors
+    if grad_u0 is None and grad_u1 is None and grad_cos is None:
+        return None, None
+    return normalize_backward(z0, z1, norm0, norm1, grad_u0, grad_u1, grad_cos)
+
+
+normalize.register_autograd(_normalize_grad, setup_context=_normalize_setup)
+
+
+# -- the negatives' log-sum-exp ------------------------------------------------------------------
+
+
+def _negative_lse(
+    x: torch.Tensor, y: Optional[torch.Tensor], excluded: torch.Tensor, tau: torch.Tensor, tf32: bool
+) -> torch.Tensor:
+    return forward.negative_lse_forward(x, y, excluded, tau, tf32)
+
+
+def _negative_lse_rows(
+    x: torch.Tensor,
+    y: Optional[torch.Tensor],
+    excluded: torch.Tensor,
+    tau: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
+    tf32: bool,
+    partial: bool,
+) -> torch.Tensor:
+    return backward.backward_rows(x, y, excluded, tau, lse, grad_lse, tf32, partial)
+
+
+def _negative_lse_columns(
+    x: torch.Tensor,
+    y: Optional[torch.Tensor],
+    excluded: torch.Tensor,
+    tau: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
+    tf32: bool,
+    rows_partial: Optional[torch.Tensor],
+) -> torch.Tensor:
+    return backward.backward_columns(x, y, excluded, tau, lse, grad_lse, tf32, rows_partial)
+
+
+negative_lse = _define("triton_negative_lse", _negative_lse)
+negative_lse_rows = _define("triton_negative_lse_rows", _negative_lse_rows)
+negative_lse_columns = _define("triton_negative_lse_columns", _negative_lse_columns)
+
+
+@negative_lse.register_fake
+def _(x, y, excluded, tau, tf32):
+    return x.new_empty(x.shape[0], dtype=accumulation_dtype(x.dtype))
+
+
+@negative_lse_rows.register_fake
+def _(x, y, excluded, tau, lse, grad_lse, tf32, partial):
+    return x.new_empty(x.shape, dtype=accumulation_dtype(x.dtype) if partial else x.dtype)
+
+
+@negative_lse_columns.register_fake
+def _(x, y, excluded, tau, lse, grad_lse, tf32, rows_partial):
+    cand = x if y is None else y
+    return cand.new_empty(cand.shape)
+
+
+def _negative_lse_setup(ctx, inputs, output):
+    x, y, excluded, tau, tf32 = inputs
+    ctx.tf32 = tf32
+    ctx.save_for_backward(x, y, excluded, tau, output)
+
+
+def _negative_lse_grad(ctx, grad_lse):
+    x, y, excluded, tau, lse = ctx.saved_tensors
+    if y is None:  # anchors = candidates: dx = E x + E^T x, the row pass feeding the column pass
+        partial = negative_lse_rows(x, None, excluded, tau, lse, grad_lse, ctx.tf32, True)
+        return negative_lse_columns(x, None, excluded, tau, lse, grad_lse, ctx.tf32, partial), None, None, None, None
+    need_dx, need_dy = ctx.needs_input_grad[:2]
+    dx = negative_lse_rows(x, y, excluded, tau, lse, grad_lse, ctx.tf32, False) if need_dx else None
+    dy = negative_lse_columns(x, y, excluded, tau, lse, grad_lse, ctx.tf32, None) if need_dy else None
+    return dx, dy, None, None, None
+
+
+negative_lse.register_autograd(_negative_lse_grad, setup_context=_negative_lse_setup)
