@@ -1,0 +1,183 @@
+"""The benchmark sweep: ``python -m benchmarks.run [--device cpu|cuda] [--preset cpu|gpu|tiny] [--out DIR]``.
+
+Every fused backend available on the device and the baselines (lightly's MACLLoss,
+the dense reference eager and under torch.compile, inf-cl on GPU), each case in a
+fresh subprocess (benchmarks.measure). Writes DIR/results.csv, DIR/results.md,
+DIR/machine.json and one PNG per group, and prints the markdown, its tables last.
+
+Cases run in order of N. A case is recorded without being run when the result is
+already known: "unavailable"; OOM or timeout at a smaller N of the same series; a
+dense matrix over the memory budget; a run projected (N^2 from the last N) past the
+time cap; or the sweep's time budget would be exceeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+import macl_kernels as mk
+
+from . import machine, ops, plots, report
+from .cases import Case
+from .isolate import Outcome, run_isolated
+from .presets import PRESETS, Limits, make_preset
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+CHILD_OVERHEAD_S = 4.0  # a subprocess's imports and warm-up, for the sweep budget's projections
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on cuda, cpu on cpu")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: benchmarks/out)")
+    csv_list = lambda cast: lambda text: [cast(x) for x in text.split(",") if x]  # noqa: E731
+    p.add_argument("--backends", type=csv_list(str), help="only these backends, e.g. torch,lightly")
+    p.add_argument("--layouts", type=csv_list(str))
+    p.add_argument("--modes", type=csv_list(str), help="fwd, fwd_bwd")
+    p.add_argument("--sizes", type=csv_list(int), help="only these N")
+    p.add_argument("--dims", type=csv_list(int), help="only these D")
+    p.add_argument("--dtypes", type=csv_list(str), help="e.g. float32,bfloat16")
+    p.add_argument("--max-minutes", type=float, help="override the preset's sweep time budget")
+    p.add_argument("--memory-gib", type=float, help="override the preset's CPU memory budget per case")
+    p.add_argument("--run-cap-s", type=float, help="override the preset's time cap of one run")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--list", action="store_true", help="print the cases and exit")
+    return p.parse_args(argv)
+
+
+def select(cases: List[Case], args: argparse.Namespace) -> List[Case]:
+    filters = {"backend": args.backends, "layout": args.layouts, "mode": args.modes}
+    filters.update(n=args.sizes, d=args.dims, dtype=args.dtypes)
+    kept = [c for c in cases if all(v is None or getattr(c, k) in v for k, v in filters.items())]
+    return sorted(kept, key=lambda c: c.n)  # stable: the preset's order within one N
+
+
+def override_limits(limits: Limits, args: argparse.Namespace) -> Limits:
+    changes = {"sweep_minutes": args.max_minutes, "memory_budget_gib": args.memory_gib, "run_cap_s": args.run_cap_s}
+    return Limits(**{**limits.__dict__, **{k: v for k, v in changes.items() if v is not None}})
+
+
+class Planner:
+    """Decides, from the results so far, whether a case needs running at all."""
+
+    def __init__(self, limits: Limits, device: str) -> None:
+        self.limits = limits
+        self.device = device
+        self.failed: Dict[tuple, tuple] = {}  # series -> (status, N)
+        self.last_ok: Dict[tuple, tuple] = {}  # series -> (N, median seconds)
+        self.started = time.monotonic()
+
+    def projected_run_s(self, case: Case) -> Optional[float]:
+        if case.series() not in self.last_ok:
+            return None
+        n0, t0 = self.last_ok[case.series()]
+        return t0 * (case.n / n0) ** 2  # the O(M*C) work dominates
+
+    def projected_case_s(self, case: Case) -> float:
+        run = self.projected_run_s(case)
+        if run is None:
+            return CHILD_OVERHEAD_S
+        lim = self.limits
+        runs_s = run if run >= lim.long_run_s else min(max(lim.min_runs * run, lim.target_s), lim.max_runs * run)
+        return CHILD_OVERHEAD_S + runs_s
+
+    def verdict(self, case: Case) -> Optional[Outcome]:
+        """An outcome recorded without running, or None to run the case."""
+        reason = ops.unavailable_reason(case, self.device)
+        if reason is not None:
+            return Outcome("unavailable", note=reason)
+        if case.series() in self.failed:
+            status, n = self.failed[case.series()]
+            return Outcome(status, note=f"not run: {status} at N = {n} already")
+        budget = self.limits.memory_budget_gib
+        dense = ops.dense_bytes_lower_bound(case)
+        if torch.device(self.device).type == "cpu" and budget is not None and dense > budget * 2**30:
+            return Outcome("OOM", note=f"not run: one M x C matrix alone needs {dense / 2**30:.1f} GiB > {budget} GiB")
+        run = self.projected_run_s(case)
+        if run is not None and run > self.limits.run_cap_s:
+            return Outcome("timeout", note=f"not run: projected {run:.0f} s per run > cap {self.limits.run_cap_s} s")
+        if self.limits.sweep_minutes is not None:
+            end = time.monotonic() - self.started + self.projected_case_s(case)
+            if end > 60 * self.limits.sweep_minutes:
+                return Outcome("timeout", note=f"not run: past the sweep's {self.limits.sweep_minutes} min budget")
+        return None
+
+    def record(self, case: Case, outcome: Outcome) -> None:
+        if outcome.status == "ok":
+            self.last_ok[case.series()] = (case.n, outcome.result["median_s"])
+        elif outcome.status in ("OOM", "timeout"):
+            self.failed.setdefault(case.series(), (outcome.status, case.n))
+
+
+def measure_case(case: Case, limits: Limits, device: str) -> Outcome:
+    args = [case.to_json(), limits.to_json(), device]
+    return run_isolated("benchmarks.measure", args, timeout_s=limits.case_timeout_s())
+
+
+def unavailable_fused(device: str) -> List[str]:
+    """Notes for the fused backends this package knows that cannot run on ``device``."""
+    notes = []
+    for name in mk.known_backends():
+        if name in ("auto", mk.backends.REFERENCE) or name in mk.available_backends(device):
+            continue
+        try:
+            mk.backends.resolve(name, torch.device(device))
+        except RuntimeError as exc:
+            notes.append(f"Not measured: {exc}")
+    return notes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    preset = make_preset(args.preset or ("gpu" if args.device == "cuda" else "cpu"), args.device,
+                         ops.fused_backends(args.device))  # fmt: skip
+    limits = override_limits(preset.limits, args)
+    cases = select(preset.cases, args)
+    if args.list:
+        for c in cases:
+            print(c.backend, c.op, c.layout, c.mode, c.n, c.d, c.dtype)
+        return 0
+
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "results.csv")
+    env = machine.describe(args.device)
+    with open(os.path.join(args.out, "machine.json"), "w") as f:
+        json.dump({**env, "preset": preset.name, "limits": limits.__dict__}, f, indent=1)
+    planner = Planner(limits, args.device)
+    rows: List[report.Row] = []
+    progress = tqdm(cases, desc=f"bench {preset.name}", unit="case", file=sys.stderr)
+    for case in progress:
+        progress.set_postfix_str(f"{case.backend} {case.layout} {case.mode} N={case.n} D={case.d} {case.dtype}")
+        outcome = planner.verdict(case) or measure_case(case, limits, args.device)
+        planner.record(case, outcome)
+        rows.append(report.make_row(case, outcome, env))
+        report.write_csv(rows, csv_path)  # after every case: an interrupted sweep keeps its rows
+    progress.close()
+
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python -m benchmarks.run", *(shlex.quote(a) for a in given)])
+    text = report.markdown(rows, env, command, limits.headline_n, unavailable_fused(args.device))
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    if not args.no_plots:
+        plots.plot_all(rows, args.out)
+    errors = [r for r in rows if r["status"] == "error"]
+    for r in errors:
+        print(f"error: {r['backend']} {r['layout']} {r['mode']} N={r['n']}: {r['note']}", file=sys.stderr)
+    print(f"wrote the results to {args.out} in {time.monotonic() - planner.started:.0f} s")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
