@@ -13,7 +13,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 INSTALL_STAMP := $(VENV)/.install-stamp
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test bench demo checkstyle clean
+.PHONY: install test bench demo bench-regress checkstyle clean
 
 $(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,19 @@ install: $(INSTALL_STAMP)
 test: install
 	$(PY) -m pytest
 
+# BENCH_ARGS: e.g. "--out benchmarks/results" for the committed copy, "--sizes 8192" for one size.
 bench: install
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# SimCLR on sklearn's digits (MACL vs NT-Xent), then training steps at batch sizes up to 32768.
+demo: install
+	$(PY) -m benchmarks.demo
+
+# Small per-backend speed regressions (pytest-benchmark): each run is saved under
+# .benchmarks/ and compared with the previous one.
+bench-regress: install
+	$(PY) -m pytest benchmarks/test_regressions.py --benchmark-autosave --benchmark-compare \
+		--benchmark-sort=name --benchmark-columns=median,iqr,rounds
 
 checkstyle: install
 	$(VENV)/bin/ruff check macl_kernels python_tests benchmarks

@@ -1,0 +1,92 @@
+"""Full training steps at one large batch size, in this (fresh) process, under a memory budget.
+
+``python -m benchmarks.demo_large_batch '{"loss": "fused"|"dense", "batch": B, "budget_gib": G, "steps": S}'``
+
+A step is what a training loop does: two augmented views of B digits (sampled with
+replacement), the encoder forward, the loss, backward and an optimizer step. The
+process's address space is capped at its size after set-up plus the budget, so a
+loss that needs more fails with an allocation error (reported as OOM).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+
+import macl_kernels as mk
+
+from .baselines import load_lightly_macl, reference_loss
+from .demo_digits import Encoder, augment, load_digits_split
+from .isolate import emit
+from .memory import PeakMemory, cap_address_space, is_out_of_memory
+
+WARMUP_BATCH = 64
+
+
+def dense_loss() -> Callable:
+    """What a user would otherwise train with: lightly's MACLLoss (the dense reference if lightly is missing)."""
+    try:
+        return load_lightly_macl().MACLLoss()
+    except ImportError:
+        return reference_loss()
+
+
+def dense_name() -> str:
+    try:
+        load_lightly_macl()
+        return "lightly MACLLoss"
+    except ImportError:
+        return "dense reference"
+
+
+def fused_name() -> str:
+    return f"macl_kernels backend='auto' ({mk.backends.resolve('auto', torch.device('cpu')).name})"
+
+
+def run(loss: str, batch: int, budget_gib: float, steps: int) -> Dict:
+    torch.manual_seed(0)
+    train_x = load_digits_split()[0]
+    model = Encoder()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = mk.macl_loss if loss == "fused" else dense_loss()
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+
+    def step(size: int) -> None:
+        images = train_x[torch.randint(0, len(train_x), (size,), generator=generator)]
+        value = loss_fn(model(augment(images, generator)), model(augment(images, generator)))
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        losses.append(value.item())
+
+    cap_address_space(int(budget_gib * 2**30))
+    step(WARMUP_BATCH)
+    memory = PeakMemory(torch.device("cpu"))
+    memory.start()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - start)
+    return {"status": "ok", "step_s": statistics.median(times), "peak_bytes": memory.peak(), "loss": losses[-1]}
+
+
+def main(argv) -> int:
+    args = json.loads(argv[0])
+    try:
+        emit(run(args["loss"], args["batch"], args["budget_gib"], args["steps"]))
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        emit({"status": "OOM", "note": (str(exc).strip().splitlines() or [""])[0][:200]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""The training demo: augmentations, k-NN, a short training run, and the large-batch step under a budget."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import demo, demo_digits
+from benchmarks.isolate import run_isolated
+
+
+def test_augment_shifts_by_at_most_one_pixel_with_zero_fill():
+    image = torch.zeros(1, 8, 8)
+    image[0, 3, 4] = 1.0
+    shifted = demo_digits.augment(image.expand(64, 8, 8), torch.Generator().manual_seed(0), noise=0.0)
+    rows, cols = (shifted == 1.0).nonzero()[:, 1], (shifted == 1.0).nonzero()[:, 2]
+    assert shifted.sum() == 64  # the pixel moved, nothing else appeared
+    assert set(rows.tolist()) == {2, 3, 4} and set(cols.tolist()) == {3, 4, 5}  # every shift drawn
+
+
+def test_knn_accuracy():
+    train_x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    train_y = torch.tensor([0, 0, 1, 1])
+    test_x = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    assert demo_digits.knn_accuracy(train_x, train_y, test_x, torch.tensor([0, 1]), k=1) == 1.0
+    assert demo_digits.knn_accuracy(train_x, train_y, test_x, torch.tensor([1, 0]), k=1) == 0.0
+
+
+def _small_data():
+    train_x, train_y, test_x, test_y, perturbed = demo_digits.evaluation_data()
+    return train_x[:128], train_y[:128], test_x[:64], test_y[:64], perturbed[:64]
+
+
+@pytest.mark.parametrize("name", ["MACL", "NT-Xent"])
+def test_training_records_every_epoch(name):
+    history = demo_digits.train(demo_digits.LOSSES[name], _small_data(), epochs=2, batch_size=32)
+    assert len(history.loss) == len(history.alignment) == len(history.temperature) == 2
+    assert len(history.knn_clean) == len(history.knn_perturbed) == 3  # before training, then per epoch
+    assert all(torch.isfinite(torch.tensor(history.loss)))
+    if name == "NT-Xent":
+        assert history.temperature == pytest.approx([0.1, 0.1])
+    else:  # tau = 0.1 * (1 + 0.5 * A) follows the alignment
+        assert history.temperature == pytest.approx([0.1 * (1 + 0.5 * a) for a in history.alignment], rel=1e-5)
+
+
+def test_same_seed_same_training():
+    a = demo_digits.train(demo_digits.LOSSES["MACL"], _small_data(), epochs=1, batch_size=32, seed=3)
+    b = demo_digits.train(demo_digits.LOSSES["MACL"], _small_data(), epochs=1, batch_size=32, seed=3)
+    assert a == b
+
+
+@pytest.mark.slow
+def test_dense_loss_over_the_budget_is_oom():
+    # lightly at batch 2048 needs several 4096 x 4096 float32 matrices (64 MiB each)
+    payload = json.dumps({"loss": "dense", "batch": 2048, "budget_gib": 0.1, "steps": 1})
+    outcome = run_isolated("benchmarks.demo_large_batch", [payload], timeout_s=120)
+    assert outcome.status == "OOM", outcome
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--epochs", "1", "--seeds", "1", "--min-batch", "256", "--max-batch", "256"]
+    assert demo.main(args) == 0
+    summary = (out / "summary.txt").read_text()
+    assert "MACL" in summary and "NT-Xent" in summary and "k-NN" in summary
+    results = json.loads((out / "demo.json").read_text())["large_batch"]
+    assert [r["batch"] for r in results] == [256]
+    assert results[0]["fused"]["status"] == "ok" and results[0]["dense"]["status"] == "ok"
+    assert (out / "training.png").stat().st_size > 1000 and (out / "large_batch.png").stat().st_size > 1000
