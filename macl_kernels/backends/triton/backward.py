@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .configs import FIXED_CONFIGS, TUNED_CONFIGS, TUNING_KEY, block_d, is_small, size_class
-from .helpers import dot_acc, excluded_columns, load_tile, similarity_tile, store_tile
+from .helpers import dot_acc, excluded_columns, load_tile, rounded, similarity_tile, store_tile
 from .launch import accumulation_dtype, dot_flags, launcher
 
 
@@ -51,7 +51,7 @@ def rows_kernel(
     BLOCK_D: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
     TF32: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     ACC = lse_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -69,7 +69,7 @@ def rows_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         y = load_tile(y_ptr, cols, dims, C, D, stride_yc, stride_yd)
         if SINGLE_CHUNK:
-            sim = dot_acc(x, tl.trans(y), tl.zeros((BLOCK_M, BLOCK_N), ACC), TF32, UPCAST_BF16)
+            sim = dot_acc(x, tl.trans(y), tl.zeros((BLOCK_M, BLOCK_N), ACC), TF32, INTERPRETER)
         else:
             sim = similarity_tile(
                 x_ptr,
@@ -88,15 +88,15 @@ def rows_kernel(
                 BLOCK_N,
                 BLOCK_D,
                 TF32,
-                UPCAST_BF16,
+                INTERPRETER,
             )
         hidden = (cols[None, :] >= C) | (cols[None, :] == first[:, None]) | (cols[None, :] == second[:, None])
         # Masked before exp (the positive's term may overflow); the probabilities are <= 1,
         # safe to round to fp16/bf16 for the tensor cores.
         prob = tl.exp(tl.where(hidden, float("-inf"), sim * inv_tau) - lse[:, None])
-        acc = dot_acc(prob.to(y.dtype), y, acc, TF32, UPCAST_BF16)
+        acc = dot_acc(rounded(prob, y.dtype, INTERPRETER), y, acc, TF32, INTERPRETER)
 
-    store_tile(out_ptr, acc * coef[:, None], rows, dims, M, D, stride_om, stride_od)
+    store_tile(out_ptr, acc * coef[:, None], rows, dims, M, D, stride_om, stride_od, INTERPRETER)
 
 
 @triton.jit
@@ -131,7 +131,7 @@ def columns_kernel(
     SINGLE_CHUNK: tl.constexpr,
     HAS_PARTIAL: tl.constexpr,
     TF32: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     ACC = lse_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,7 +146,7 @@ def columns_kernel(
         inside = rows < M
         x = load_tile(x_ptr, rows, dims, M, D, stride_xm, stride_xd)
         if SINGLE_CHUNK:
-            sim_t = dot_acc(y, tl.trans(x), tl.zeros((BLOCK_N, BLOCK_M), ACC), TF32, UPCAST_BF16)
+            sim_t = dot_acc(y, tl.trans(x), tl.zeros((BLOCK_N, BLOCK_M), ACC), TF32, INTERPRETER)
         else:
             sim_t = similarity_tile(
                 y_ptr,
@@ -165,7 +165,7 @@ def columns_kernel(
                 BLOCK_M,
                 BLOCK_D,
                 TF32,
-                UPCAST_BF16,
+                INTERPRETER,
             )
         lse = tl.load(lse_ptr + rows, mask=inside, other=float("inf"))
         weight = tl.load(weight_ptr + rows, mask=inside, other=0.0)
@@ -173,12 +173,12 @@ def columns_kernel(
         hidden = (cols[:, None] >= C) | (cols[:, None] == first[None, :]) | (cols[:, None] == second[None, :])
         # weight = (h / tau) / max|h / tau| is in [-1, 1], so this tile also fits fp16's range.
         e_t = tl.exp(tl.where(hidden, float("-inf"), sim_t * inv_tau) - lse[None, :]) * weight[None, :]
-        acc = dot_acc(e_t.to(x.dtype), x, acc, TF32, UPCAST_BF16)
+        acc = dot_acc(rounded(e_t, x.dtype, INTERPRETER), x, acc, TF32, INTERPRETER)
 
     out = acc * tl.load(weight_scale_ptr).to(ACC)
     if HAS_PARTIAL:
         out += load_tile(partial_ptr, cols, dims, C, D, stride_pc, stride_pd)
-    store_tile(out_ptr, out, cols, dims, C, D, stride_oc, stride_od)
+    store_tile(out_ptr, out, cols, dims, C, D, stride_oc, stride_od, INTERPRETER)
 
 
 rows_tuned = triton.autotune(configs=TUNED_CONFIGS, key=TUNING_KEY)(rows_kernel)

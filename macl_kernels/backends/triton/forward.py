@@ -42,7 +42,7 @@ def negative_lse_kernel(
     BLOCK_D: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
     TF32: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     ACC = lse_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,7 +58,7 @@ def negative_lse_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         if SINGLE_CHUNK:
             y = load_tile(y_ptr, cols, dims, C, D, stride_yc, stride_yd)
-            sim = dot_acc(x, tl.trans(y), tl.zeros((BLOCK_M, BLOCK_N), ACC), TF32, UPCAST_BF16)
+            sim = dot_acc(x, tl.trans(y), tl.zeros((BLOCK_M, BLOCK_N), ACC), TF32, INTERPRETER)
         else:
             sim = similarity_tile(
                 x_ptr,
@@ -77,7 +77,7 @@ def negative_lse_kernel(
                 BLOCK_N,
                 BLOCK_D,
                 TF32,
-                UPCAST_BF16,
+                INTERPRETER,
             )
         hidden = (cols[None, :] >= C) | (cols[None, :] == first[:, None]) | (cols[None, :] == second[:, None])
         logits = tl.where(hidden, float("-inf"), sim * inv_tau)

@@ -17,16 +17,32 @@ def load_tile(ptr, rows, cols, n_rows, n_cols, stride_row, stride_col):
 
 
 @triton.jit
-def store_tile(ptr, value, rows, cols, n_rows, n_cols, stride_row, stride_col):
+def store_tile(ptr, value, rows, cols, n_rows, n_cols, stride_row, stride_col, INTERPRETER: tl.constexpr):
+    """Stores the tile in ptr's dtype (rounded to nearest), masked at the edges."""
     offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :] * stride_col
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + offsets, rounded(value, ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
 @triton.jit
-def dot_acc(a, b, acc, TF32: tl.constexpr, UPCAST_BF16: tl.constexpr):
+def rounded(value, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """value.to(dtype), rounded to nearest even as compiled Triton does.
+
+    The interpreter truncates fp32 -> bf16 instead, so there the rounding is done on the bits first.
+    """
+    if INTERPRETER:
+        if dtype == tl.bfloat16:
+            if value.dtype == tl.float32:
+                bits = value.to(tl.uint32, bitcast=True)
+                bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+                value = bits.to(tl.float32, bitcast=True)
+    return value.to(dtype)
+
+
+@triton.jit
+def dot_acc(a, b, acc, TF32: tl.constexpr, INTERPRETER: tl.constexpr):
     """acc + a @ b in acc's dtype; fp32 operands use TF32 only when asked (IEEE otherwise)."""
-    if UPCAST_BF16:
+    if INTERPRETER:
         # Triton's interpreter mis-computes bf16 dots; the upcast is exact.
         if a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
@@ -56,7 +72,7 @@ def similarity_tile(
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
     TF32: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     """The (BLOCK_A, BLOCK_B) dots a[a_rows] . b[b_rows] over all of D, walked in chunks of BLOCK_D."""
     acc = tl.zeros((BLOCK_A, BLOCK_B), ACC_DTYPE)
@@ -64,7 +80,7 @@ def similarity_tile(
         dims = start + tl.arange(0, BLOCK_D)
         a = load_tile(a_ptr, a_rows, dims, n_a, D, stride_a_row, stride_a_col)
         b = load_tile(b_ptr, b_rows, dims, n_b, D, stride_b_row, stride_b_col)
-        acc = dot_acc(a, tl.trans(b), acc, TF32, UPCAST_BF16)
+        acc = dot_acc(a, tl.trans(b), acc, TF32, INTERPRETER)
     return acc
 
 

@@ -1,0 +1,121 @@
+"""The Triton backend on a real GPU: compiled kernels, torch.compile with inductor, no host sync, CUDA graphs.
+
+All gpu-marked: skipped without CUDA, run by benchmarks/gpu_check.sh
+(``python3 -m pytest -m gpu python_tests``). The loss values themselves are
+checked by the conformance suite with ``MACL_TEST_DEVICE=cuda``.
+"""
+
+import pytest
+import torch
+
+import macl_kernels as mk
+from macl_kernels._fused import layout_exclusions
+from python_tests.helpers import assert_matches_reference, assert_rel_close, bitwise_equal, loss_and_grads, make_views
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda"
+
+
+def _step(z0, z1, **kwargs):
+    a, b = z0.detach().clone().requires_grad_(True), z1.detach().clone().requires_grad_(True)
+    loss = mk.macl_loss(a, b, backend="triton", **kwargs)
+    loss.backward()
+    return loss.detach(), a.grad, b.grad
+
+
+def test_auto_picks_triton_on_cuda():
+    assert mk.backends.resolve("auto", torch.device(DEVICE)).name == "triton"
+
+
+@pytest.mark.parametrize("layout", ["ntxent", "cross_sym"])
+def test_autotuned_sizes_match_reference(layout):
+    # M * C above the small-problem threshold: the autotuned kernels, bf16 tensor cores.
+    z0, z1, _ = make_views(1100, 128, torch.bfloat16, seed=1, device=DEVICE)
+    assert_matches_reference("triton", z0, z1, layout=layout)
+
+
+def test_tf32_dots_within_the_tf32_tolerance():
+    z0, z1, _ = make_views(700, 96, torch.float32, seed=2, device=DEVICE)
+    matmul = torch.backends.cuda.matmul
+    before = getattr(matmul, "fp32_precision", None)
+    try:
+        if before is None:
+            matmul.allow_tf32 = True
+        else:
+            matmul.fp32_precision = "tf32"
+        assert_matches_reference("triton", z0, z1, tol=1e-3)
+    finally:
+        if before is None:
+            matmul.allow_tf32 = False
+        else:
+            matmul.fp32_precision = before
+
+
+def test_no_host_synchronization_in_forward_and_backward():
+    z0, z1, _ = make_views(600, 64, torch.bfloat16, seed=3, device=DEVICE)
+    _step(z0, z1)  # compile and autotune first: autotuning synchronizes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _step(z0, z1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_training_step_captures_in_a_cuda_graph():
+    z0, z1, _ = make_views(300, 64, torch.float32, seed=4, device=DEVICE)
+    a, b = z0.clone().requires_grad_(True), z1.clone().requires_grad_(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation, autotuning) outside the capture
+        for _ in range(2):
+            a.grad = b.grad = None
+            mk.macl_loss(a, b, backend="triton").backward()
+    torch.cuda.current_stream().wait_stream(side)
+    a.grad = b.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = mk.macl_loss(a, b, backend="triton")
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = _step(z0, z1)
+    assert bitwise_equal([loss.detach(), a.grad, b.grad], list(expected))
+
+
+@pytest.mark.parametrize("layout", ["ntxent", "queue"])
+def test_inductor_compiled_step_matches_eager(layout):
+    z0, z1, bank = make_views(256, 64, seed=5, device=DEVICE, bank_rows=300)
+    bank = bank if layout == "queue" else None
+    encoder = torch.nn.Linear(64, 64).to(DEVICE)
+
+    def forward(a, b):
+        return mk.macl_loss(encoder(a), encoder(b), negatives=bank, layout=layout, backend="triton")
+
+    eager_loss = forward(z0, z1)
+    eager_loss.backward()
+    eager_grad = encoder.weight.grad.clone()
+    encoder.weight.grad = None
+    compiled_loss = torch.compile(forward, fullgraph=True)(z0, z1)
+    compiled_loss.backward()
+    assert_rel_close(compiled_loss.detach(), eager_loss.detach(), 1e-5, "loss")
+    assert_rel_close(encoder.weight.grad, eager_grad, 1e-5, "encoder gradient")
+
+
+def test_opcheck_of_the_triton_ops():
+    from macl_kernels.backends.triton import ops
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.nn.functional.normalize(torch.randn(40, 32, generator=g), dim=1).to(DEVICE)
+    excluded = layout_exclusions("ntxent", 20, DEVICE)
+    tau = torch.tensor(0.1, device=DEVICE)
+    torch.library.opcheck(ops.negative_lse, (x.clone().requires_grad_(True), None, excluded, tau, False))
+    z0, z1, _ = make_views(20, 32, seed=7, device=DEVICE)
+    torch.library.opcheck(ops.normalize, (z0.requires_grad_(True), z1.requires_grad_(True)))
+
+
+def test_deterministic_at_a_tuned_size():
+    z0, z1, _ = make_views(2000, 128, torch.bfloat16, seed=8, device=DEVICE)
+    first = loss_and_grads(z0, z1, backend="triton")
+    second = loss_and_grads(z0, z1, backend="triton")
+    assert bitwise_equal([first[0], *first[1]], [second[0], *second[1]])
