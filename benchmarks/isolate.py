@@ -39,7 +39,8 @@ def child_environment() -> Dict[str, str]:
     # A fixed mmap threshold returns every large freed block to the OS at once, so the
     # resident size follows the live tensors and peak RSS measures the op, not malloc's cache.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
-    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile worker pool on a 2-core machine
+    if (os.cpu_count() or 1) <= 4:
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # a compile worker pool costs more than it saves here
     return env
 
 

@@ -27,7 +27,7 @@ BASELINES = (*DENSE, INF_CL)
 class Limits:
     """How one case is measured and when it is given up."""
 
-    memory_budget_gib: Optional[float]  # CPU: address-space cap of a measurement; None: the device's memory
+    memory_budget_gib: Optional[float]  # CPU: address-space cap of a measurement; None: no cap (GPU: its memory)
     run_cap_s: float  # a single run longer than this is a timeout
     startup_s: float  # allowance for imports, inputs, warm-up and compilation
     target_s: float  # repeats stop once this much time is measured ...
@@ -76,7 +76,7 @@ def cpu_preset(fused: Sequence[str]) -> Preset:
         memory_budget_gib=8.0,  # lightly needs 6.7 GB at N = 8192
         run_cap_s=150.0,
         startup_s=60.0,
-        target_s=2.0,
+        target_s=1.0,
         min_runs=3,
         max_runs=20,
         long_run_s=10.0,
@@ -87,15 +87,16 @@ def cpu_preset(fused: Sequence[str]) -> Preset:
 
 
 def gpu_preset(fused: Sequence[str]) -> Preset:
-    # The torch fallback is measured in the main sweep only; the variants are for the kernels.
+    # The torch fallback and the dense baselines are in the main sweeps only; the
+    # variants (D = 256, forward only) are for the kernels. The dense baselines at
+    # 65536 are projected from their peak at 16384 (OOM on one GPU) and not run.
     kernels = [b for b in fused if b != "torch"] or list(fused)
     sizes = [4096, 16384, 65536]
     cases = _grid([*fused, *DENSE], "macl", "ntxent", "fwd_bwd", sizes, [128], ["bfloat16"])
-    cases += _grid([*fused, LIGHTLY], "macl", "ntxent", "fwd_bwd", sizes, [128], ["float32"])
+    cases += _grid(fused, "macl", "ntxent", "fwd_bwd", sizes, [128], ["float32"])
     cases += _grid([*kernels, INF_CL], "infonce", "cross_sym", "fwd_bwd", sizes, [128], ["bfloat16"])
-    for d, dtype, mode in [(256, "bfloat16", "fwd_bwd"), (256, "float32", "fwd_bwd")] + [
-        (d, dtype, "fwd") for d in (128, 256) for dtype in ("bfloat16", "float32")
-    ]:
+    for d, dtype, mode in [(256, "bfloat16", "fwd_bwd"), (256, "float32", "fwd_bwd"), (128, "bfloat16", "fwd"),
+                           (128, "float32", "fwd")]:  # fmt: skip
         cases += _grid(kernels, "macl", "ntxent", mode, [16384], [d], [dtype])
     limits = Limits(
         memory_budget_gib=None,
@@ -105,7 +106,7 @@ def gpu_preset(fused: Sequence[str]) -> Preset:
         min_runs=5,
         max_runs=50,
         long_run_s=5.0,
-        sweep_minutes=5.0,
+        sweep_minutes=4.5,
         headline_n=16384,
     )
     return Preset("gpu", "cuda", limits, cases)

@@ -7,8 +7,9 @@ DIR/machine.json and one PNG per group, and prints the markdown, its tables last
 
 Cases run in order of N. A case is recorded without being run when the result is
 already known: "unavailable"; OOM or timeout at a smaller N of the same series; a
-dense matrix over the memory budget; a run projected (N^2 from the last N) past the
-time cap; or the sweep's time budget would be exceeded.
+dense baseline projected over the memory budget (its M x C matrix, or its peak at
+the last N scaled by N^2); a run projected (N^2 from the last N) past the time cap;
+or the sweep's time budget would be exceeded.
 """
 
 from __future__ import annotations
@@ -70,18 +71,28 @@ def override_limits(limits: Limits, args: argparse.Namespace) -> Limits:
 class Planner:
     """Decides, from the results so far, whether a case needs running at all."""
 
-    def __init__(self, limits: Limits, device: str) -> None:
+    def __init__(self, limits: Limits, device: str, memory_gib: Optional[float] = None) -> None:
         self.limits = limits
         self.device = device
+        # What a dense baseline may use: the CPU cap, or the GPU's memory.
+        self.memory_gib = limits.memory_budget_gib if memory_gib is None else memory_gib
         self.failed: Dict[tuple, tuple] = {}  # series -> (status, N)
-        self.last_ok: Dict[tuple, tuple] = {}  # series -> (N, median seconds)
+        self.last_ok: Dict[tuple, tuple] = {}  # series -> (N, median seconds, peak bytes)
         self.started = time.monotonic()
 
     def projected_run_s(self, case: Case) -> Optional[float]:
         if case.series() not in self.last_ok:
             return None
-        n0, t0 = self.last_ok[case.series()]
+        n0, t0, _ = self.last_ok[case.series()]
         return t0 * (case.n / n0) ** 2  # the O(M*C) work dominates
+
+    def projected_dense_bytes(self, case: Case) -> int:
+        """A lower bound of what a dense baseline needs: its M x C matrix, or its last peak scaled by N^2."""
+        lower = ops.dense_bytes_lower_bound(case)
+        if lower and case.series() in self.last_ok:
+            n0, _, peak0 = self.last_ok[case.series()]
+            lower = max(lower, int(peak0 * (case.n / n0) ** 2))
+        return lower
 
     def projected_case_s(self, case: Case) -> float:
         run = self.projected_run_s(case)
@@ -99,10 +110,10 @@ class Planner:
         if case.series() in self.failed:
             status, n = self.failed[case.series()]
             return Outcome(status, note=f"not run: {status} at N = {n} already")
-        budget = self.limits.memory_budget_gib
-        dense = ops.dense_bytes_lower_bound(case)
-        if torch.device(self.device).type == "cpu" and budget is not None and dense > budget * 2**30:
-            return Outcome("OOM", note=f"not run: one M x C matrix alone needs {dense / 2**30:.1f} GiB > {budget} GiB")
+        budget = self.memory_gib
+        dense = self.projected_dense_bytes(case)
+        if budget is not None and dense > budget * 2**30:
+            return Outcome("OOM", note=f"not run: projected to need {dense / 2**30:.1f} GiB > {budget:.0f} GiB")
         run = self.projected_run_s(case)
         if run is not None and run > self.limits.run_cap_s:
             return Outcome("timeout", note=f"not run: projected {run:.0f} s per run > cap {self.limits.run_cap_s} s")
@@ -114,9 +125,15 @@ class Planner:
 
     def record(self, case: Case, outcome: Outcome) -> None:
         if outcome.status == "ok":
-            self.last_ok[case.series()] = (case.n, outcome.result["median_s"])
+            self.last_ok[case.series()] = (case.n, outcome.result["median_s"], outcome.result.get("peak_bytes", 0))
         elif outcome.status in ("OOM", "timeout"):
             self.failed.setdefault(case.series(), (outcome.status, case.n))
+
+
+def device_memory_gib(device: str, limits: Limits) -> Optional[float]:
+    if torch.device(device).type == "cuda" and limits.memory_budget_gib is None:
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
+    return limits.memory_budget_gib
 
 
 def measure_case(case: Case, limits: Limits, device: str) -> Outcome:
@@ -153,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = machine.describe(args.device)
     with open(os.path.join(args.out, "machine.json"), "w") as f:
         json.dump({**env, "preset": preset.name, "limits": limits.__dict__}, f, indent=1)
-    planner = Planner(limits, args.device)
+    planner = Planner(limits, args.device, device_memory_gib(args.device, limits))
     rows: List[report.Row] = []
     progress = tqdm(cases, desc=f"bench {preset.name}", unit="case", file=sys.stderr)
     for case in progress:

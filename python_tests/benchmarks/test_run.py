@@ -83,10 +83,21 @@ def test_planner_projects_dense_memory_and_run_time():
     # ntxent at N = 16384: one 32768 x 32768 float32 matrix is 4 GiB
     assert planner.verdict(_case("reference", n=16384)).status == "OOM"
     assert planner.verdict(_case("torch", n=16384)) is None  # fused: no dense matrix
-    planner.record(_case("torch", n=1024), Outcome("ok", {"median_s": 1.0}))
-    assert planner.verdict(_case("torch", n=4096)) is None  # projected 16 s < 30 s cap
+    planner.record(_case("torch", n=1024), Outcome("ok", {"median_s": 1.0, "peak_bytes": 2**30}))
+    assert planner.verdict(_case("torch", n=4096)) is None  # projected 16 s < 30 s cap, memory not projected
     verdict = planner.verdict(_case("torch", n=8192))  # projected 64 s
     assert verdict.status == "timeout" and "projected" in verdict.note
+    planner.record(_case("lightly", n=1024), Outcome("ok", {"median_s": 0.1, "peak_bytes": 2**28}))
+    assert planner.verdict(_case("lightly", n=2048)) is None  # 1 GiB
+    assert planner.verdict(_case("lightly", n=4096)).status == "OOM"  # 4 GiB
+
+
+def test_planner_projects_dense_memory_against_the_gpu_memory():
+    planner = run.Planner(_limits(memory_budget_gib=None), "cuda", memory_gib=80.0)
+    planner.record(_case("reference", n=16384), Outcome("ok", {"median_s": 0.1, "peak_bytes": 10 * 2**30}))
+    verdict = planner.verdict(_case("reference", n=65536))  # 16 x 10 GiB
+    assert verdict.status == "OOM" and "160" in verdict.note
+    assert run.device_memory_gib("cpu", _limits(memory_budget_gib=3.0)) == 3.0
 
 
 def test_planner_keeps_to_the_sweep_budget():
