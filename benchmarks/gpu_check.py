@@ -1,0 +1,148 @@
+"""Large-size correctness and bitwise determinism of every fused backend: step 2 of benchmarks/gpu_check.sh.
+
+    python -m benchmarks.gpu_check --out DIR [--device cuda|cpu] [--preset gpu|tiny] [--budget-s S]
+
+For each size (``ntxent``, the default MACL settings) every fused backend on the
+device computes the loss and both input gradients twice: the two runs must be
+bitwise identical, and they are compared with the float64 dense reference where
+its M x C matrices fit in memory, beyond that with the ``torch`` backend in
+float64 (MATH.md section 6 tolerances). Writes DIR/gpu_check.csv and
+DIR/gpu_check.md, prints the table, and exits non-zero if any case fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+import traceback
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from python_tests.helpers import (
+    TOLERANCE,
+    bitwise_equal,
+    fused_backends,
+    loss_and_grads,
+    make_views,
+    reference_float64,
+    relative_error,
+)
+
+# The float64 dense reference holds a few M x C matrices: up to 2^27 cells (1 GiB each).
+REFERENCE_MAX_CELLS = 1 << 27
+PRESETS: Dict[str, dict] = {
+    "gpu": dict(sizes=[4096, 65536], dims=[128, 256], dtypes=[torch.bfloat16, torch.float32]),
+    "tiny": dict(sizes=[8, 40], dims=[16], dtypes=[torch.bfloat16, torch.float32]),
+}
+COLUMNS = ["backend", "n", "d", "dtype", "oracle", "loss_err", "dz0_err", "dz1_err", "tol", "deterministic", "seconds"]
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on cuda, tiny on cpu")
+    p.add_argument("--budget-s", type=float, default=150.0, help="cases that would start later are skipped")
+    return p.parse_args(argv)
+
+
+def oracle(z0: torch.Tensor, z1: torch.Tensor):
+    """(name, loss, grads) in float64: the dense reference if it fits, else the chunked torch backend."""
+    m = 2 * z0.shape[0]
+    if m * m <= REFERENCE_MAX_CELLS:
+        return ("reference", *reference_float64(z0, z1))
+    return ("torch float64", *loss_and_grads(z0.double(), z1.double(), backend="torch"))
+
+
+def check(backend: str, z0, z1, truth) -> dict:
+    name, ref_loss, ref_grads = truth
+    started = time.perf_counter()
+    first = loss_and_grads(z0, z1, backend=backend)
+    second = loss_and_grads(z0, z1, backend=backend)
+    if z0.is_cuda:
+        torch.cuda.synchronize()
+    return {
+        "oracle": name,
+        "loss_err": relative_error(first[0], ref_loss),
+        "dz0_err": relative_error(first[1][0], ref_grads[0]),
+        "dz1_err": relative_error(first[1][1], ref_grads[1]),
+        "deterministic": bitwise_equal([first[0], *first[1]], [second[0], *second[1]]),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def verdict(row: dict) -> str:
+    if "note" in row:
+        return row["note"]
+    errors_ok = max(row["loss_err"], row["dz0_err"], row["dz1_err"]) <= row["tol"]
+    return "ok" if errors_ok and row["deterministic"] else "FAIL"
+
+
+def markdown(rows: List[dict], device_name: str) -> str:
+    lines = [
+        f"### Large-size correctness and determinism on {device_name}",
+        "",
+        "| backend | N | D | dtype | oracle | loss err | dz0 err | dz1 err | tol | bitwise | s (2 runs) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "note" in r and "loss_err" not in r:
+            lines.append(f"| {r['backend']} | {r['n']} | {r['d']} | {r['dtype']} | | | | | | | | {r['note']} |")
+            continue
+        lines.append(
+            f"| {r['backend']} | {r['n']} | {r['d']} | {r['dtype']} | {r['oracle']} | {r['loss_err']:.2e} "
+            f"| {r['dz0_err']:.2e} | {r['dz1_err']:.2e} | {r['tol']:g} | {'yes' if r['deterministic'] else 'NO'} "
+            f"| {r['seconds']:.2f} | {verdict(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset or ("gpu" if args.device == "cuda" else "tiny")]
+    os.makedirs(args.out, exist_ok=True)
+    backends = fused_backends(args.device)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"backends on {args.device}: {backends}", flush=True)
+    started = time.monotonic()
+    rows: List[dict] = []
+    for n in preset["sizes"]:
+        for d in preset["dims"]:
+            for dtype in preset["dtypes"]:
+                base = {"n": n, "d": d, "dtype": str(dtype).replace("torch.", ""), "tol": TOLERANCE[dtype]}
+                if time.monotonic() - started > args.budget_s:
+                    rows += [{**base, "backend": b, "note": "skipped: time budget"} for b in backends]
+                    continue
+                z0, z1, _ = make_views(n, d, dtype, seed=n + d, device=args.device)
+                truth = oracle(z0, z1)
+                for backend in backends:
+                    row = {**base, "backend": backend}
+                    try:
+                        row.update(check(backend, z0, z1, truth))
+                    except Exception as exc:  # one backend's failure must not hide the others' results
+                        traceback.print_exc()
+                        row["note"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                    rows.append(row)
+                    print({k: row.get(k) for k in [*COLUMNS, "note"] if k in row}, flush=True)
+                del z0, z1, truth
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+
+    with open(os.path.join(args.out, "gpu_check.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "verdict"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**r, "verdict": verdict(r)} for r in rows)
+    table = markdown(rows, device_name)
+    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    failed = [r for r in rows if verdict(r) == "FAIL" or verdict(r).startswith("error")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
