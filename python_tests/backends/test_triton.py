@@ -42,6 +42,21 @@ def test_unavailable_reason_says_how_to_enable_it(monkeypatch):
     assert "pip install triton" in backend.unavailable_reason(torch.device("cuda"))
 
 
+def test_embedding_chunks_fit_shared_memory_on_gpus(monkeypatch):
+    monkeypatch.setattr(configs, "INTERPRET", False)
+    assert [configs.block_d(256, 2), configs.block_d(256, 4), configs.block_d(129, 8)] == [256, 128, 64]
+    assert [configs.block_d(1, 2), configs.block_d(100, 2), configs.block_d(100, 4)] == [64, 128, 128]
+
+
+def test_only_tensor_core_dots_at_large_sizes_are_autotuned():
+    big = 1 << 20
+    assert configs.autotuned(1024, 1024, torch.bfloat16, False) and configs.autotuned(1024, 1024, torch.float16, False)
+    assert configs.autotuned(1024, 1024, torch.float32, True)  # TF32
+    assert not configs.autotuned(1024, 1024, torch.float32, False)  # IEEE fp32: FMA units, one tile
+    assert not configs.autotuned(1024, 1024, torch.float64, False)
+    assert not configs.autotuned(big // 1024 - 1, 1024, torch.bfloat16, False)  # small problem
+
+
 @pytest.fixture
 def tiny_tiles(monkeypatch):
     """16 x 16 tiles and 16-wide embedding chunks: every block edge and the chunked-D path are hit."""
@@ -49,6 +64,7 @@ def tiny_tiles(monkeypatch):
     for kernel in (forward.negative_lse_fixed, backward.rows_fixed, backward.columns_fixed):
         monkeypatch.setattr(kernel, "configs", [tile])
     monkeypatch.setattr(configs, "MAX_BLOCK_D", 16)
+    monkeypatch.setattr(configs, "MIN_BLOCK_D", 16)
     monkeypatch.setattr(prologue, "INTERPRETER_ROWS", 16)
 
 

@@ -19,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import FIXED_CONFIGS, TUNED_CONFIGS, TUNING_KEY, block_d, is_small, size_class
+from ..._math import accumulation_dtype
+from .configs import FIXED_CONFIGS, TUNED_CONFIGS, TUNING_KEY, autotuned, block_d, size_class
 from .helpers import dot_acc, excluded_columns, load_tile, rounded, similarity_tile, store_tile
-from .launch import accumulation_dtype, dot_flags, launcher
+from .launch import dot_flags, launcher
 
 
 @triton.jit
@@ -203,8 +204,8 @@ def backward_rows(
     c = cand.shape[0]
     acc = accumulation_dtype(x.dtype)
     out = torch.empty((m, d), dtype=acc if partial else x.dtype, device=x.device)
-    chunk = block_d(d)
-    kernel = rows_fixed if is_small(m, c) else rows_tuned
+    chunk = block_d(d, x.element_size())
+    kernel = rows_tuned if autotuned(m, c, x.dtype, tf32) else rows_fixed
     launcher(kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))](
         x,
         cand,
@@ -255,8 +256,8 @@ def backward_columns(
     weight = (coef / scale).contiguous()
     out = torch.empty((c, d), dtype=cand.dtype, device=x.device)
     partial = lse if rows_partial is None else rows_partial  # an unused pointer when there is no partial
-    chunk = block_d(d)
-    kernel = columns_fixed if is_small(m, c) else columns_tuned
+    chunk = block_d(d, x.element_size())
+    kernel = columns_tuned if autotuned(m, c, x.dtype, tf32) else columns_fixed
     launcher(kernel)[lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]))](
         x,
         cand,

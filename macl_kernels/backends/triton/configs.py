@@ -1,19 +1,29 @@
-"""Tile shapes: autotuned per size class on GPUs, one fixed shape for small problems and the interpreter.
+"""Tile shapes: autotuned per size class for tensor-core dots, one fixed shape otherwise.
 
-The embedding width is not tuned: ``BLOCK_D`` is chosen on the host from D (one
-chunk up to ``MAX_BLOCK_D``, wider embeddings are walked in chunks), so each
-kernel is compiled for the widths actually used and the autotuner only picks the
-anchor/candidate tile and the pipeline depth.
+The embedding width is not tuned: ``BLOCK_D`` is chosen on the host from D and
+the dtype (one chunk up to ``MAX_ROW_BYTES`` per row on GPUs, wider embeddings
+are walked in chunks), so each kernel is compiled for the widths actually used
+and the autotuner only picks the anchor/candidate tile and the pipeline depth.
+
+Compilation time is budgeted too (a GPU session has minutes): only tensor-core
+dots (fp16, bf16, fp32 with TF32) at sizes above ``SMALL_PROBLEM`` are
+autotuned, over three configs. IEEE fp32 and fp64 dots run on the FMA units,
+where a 128-row tile takes a minute to compile and gains little, so they and
+small problems use one 64 x 64 tile; the interpreter uses one tile as well.
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 MAX_BLOCK_D = 256  # widest embedding chunk held in one tile
-MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16 on GPUs
+# One operand row of a tile in shared memory: 256 bf16/fp16, 128 fp32 or 64 fp64 values, so that
+# a 64 x BLOCK_D anchor tile and two stages of candidate tiles fit an A100's 164 KiB.
+MAX_ROW_BYTES = 512
+MIN_BLOCK_D = 64  # tl.dot needs >= 16; 64 lets every D <= 64 share one compiled kernel
 SMALL_PROBLEM = 1 << 20  # M * C below this: one fixed tile, no autotuning (tests, tiny batches)
 PROLOGUE_ROWS = 32  # rows per program of the normalization kernels
 
@@ -34,15 +44,13 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
 INTERPRETER_CONFIG = _config(64, 64, 4, 1)
 SMALL_CONFIG = _config(64, 64, 4, 2)
 
-# Ampere (sm_80) and Hopper (sm_90): 64/128-row anchor tiles for the tensor cores,
-# deeper pipelines for the candidate stream. Configs that do not fit in shared
-# memory for a given BLOCK_D fail to compile and are skipped by the autotuner.
+# Ampere (sm_80) and Hopper (sm_90) tensor cores: 64/128-row tiles, 3-stage pipelines for
+# the streamed tiles. A config that does not fit in shared memory for a given BLOCK_D
+# (128 x 128 at D = 256) fails to compile and is skipped by the autotuner.
 GPU_CONFIGS = [
     _config(128, 64, 4, 3),
-    _config(128, 128, 8, 3),
-    _config(64, 64, 4, 4),
     _config(64, 128, 4, 3),
-    _config(128, 32, 4, 4),
+    _config(128, 128, 8, 3),
 ]
 
 TUNED_CONFIGS = [INTERPRETER_CONFIG] if INTERPRET else GPU_CONFIGS
@@ -57,10 +65,13 @@ def size_class(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
 
-def block_d(d: int) -> int:
+def block_d(d: int, itemsize: int) -> int:
     """The embedding chunk: all of D (rounded up to a power of two) when it fits in one tile."""
-    return max(MIN_BLOCK, min(triton.next_power_of_2(d), MAX_BLOCK_D))
+    widest = MAX_BLOCK_D if INTERPRET else min(MAX_BLOCK_D, MAX_ROW_BYTES // itemsize)
+    return max(MIN_BLOCK_D, min(triton.next_power_of_2(d), widest))
 
 
-def is_small(rows: int, cols: int) -> bool:
-    return rows * cols < SMALL_PROBLEM
+def autotuned(rows: int, cols: int, dtype: torch.dtype, tf32: bool) -> bool:
+    """Whether a problem gets the autotuned kernels (else the one fixed tile)."""
+    tensor_cores = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and tf32)
+    return tensor_cores and rows * cols >= SMALL_PROBLEM

@@ -14,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import FIXED_CONFIGS, TUNED_CONFIGS, TUNING_KEY, block_d, is_small, size_class
+from ..._math import accumulation_dtype
+from .configs import FIXED_CONFIGS, TUNED_CONFIGS, TUNING_KEY, autotuned, block_d, size_class
 from .helpers import dot_acc, excluded_columns, load_tile, similarity_tile
-from .launch import accumulation_dtype, dot_flags, launcher
+from .launch import dot_flags, launcher
 
 
 @triton.jit
@@ -102,8 +103,8 @@ def negative_lse_forward(
     m, d = x.shape
     c = cand.shape[0]
     lse = torch.empty(m, dtype=accumulation_dtype(x.dtype), device=x.device)
-    chunk = block_d(d)
-    kernel = negative_lse_fixed if is_small(m, c) else negative_lse_tuned
+    chunk = block_d(d, x.element_size())
+    kernel = negative_lse_tuned if autotuned(m, c, x.dtype, tf32) else negative_lse_fixed
     launcher(kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
         x,
         cand,

@@ -19,9 +19,5 @@ def launcher(kernel):
 
 
 def dot_flags(dtype: torch.dtype, tf32: bool) -> dict:
-    """The dot's constexpr flags: TF32 only for fp32 operands, bf16 upcast only in the interpreter."""
+    """The dot's constexpr flags: TF32 only for fp32 operands, the bf16 workarounds only in the interpreter."""
     return {"TF32": bool(tf32) and dtype == torch.float32, "INTERPRETER": INTERPRET}
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32

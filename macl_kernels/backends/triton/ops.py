@@ -16,9 +16,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..._math import accumulation_dtype
 from . import backward, forward, prologue
 from .configs import INTERPRET
-from .launch import accumulation_dtype
 
 NAMESPACE = "macl_kernels"
 

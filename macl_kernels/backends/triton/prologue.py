@@ -18,9 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._math import accumulation_dtype
 from .configs import INTERPRET, PROLOGUE_ROWS, block_d
 from .helpers import load_tile, store_tile
-from .launch import accumulation_dtype, launcher
+from .launch import launcher
 
 NORM_EPS = 1e-12  # F.normalize's default eps (MATH.md section 1)
 INTERPRETER_ROWS = 128  # bigger blocks are cheaper in the interpreter
@@ -252,7 +253,7 @@ def normalize_pair(z0: torch.Tensor, z1: torch.Tensor) -> Tuple[torch.Tensor, ..
         u0.stride(1),
         EPS=NORM_EPS,
         BLOCK_ROWS=rows,
-        BLOCK_D=block_d(d),
+        BLOCK_D=block_d(d, z0.element_size()),
         INTERPRETER=INTERPRET,
     )
     return u0, u1, cos, norm0, norm1
@@ -299,7 +300,7 @@ def normalize_pair_backward(
         HAS_DCOS=grad_cos is not None,
         EPS=NORM_EPS,
         BLOCK_ROWS=rows,
-        BLOCK_D=block_d(d),
+        BLOCK_D=block_d(d, z0.element_size()),
         INTERPRETER=INTERPRET,
     )
     return dz0, dz1
