@@ -8,8 +8,9 @@ DIR/machine.json and one PNG per group, and prints the markdown, its tables last
 Cases run in order of N. A case is recorded without being run when the result is
 already known: "unavailable"; OOM or timeout at a smaller N of the same series; a
 dense baseline projected over the memory budget (its M x C matrix, or its peak at
-the last N scaled by N^2); a run projected (N^2 from the last N) past the time cap;
-or the sweep's time budget would be exceeded.
+the last N scaled by N^2); a run projected past the time cap (the last run of the
+series, or else of the backend, scaled by the flops); or the sweep's time budget
+would be exceeded.
 """
 
 from __future__ import annotations
@@ -77,21 +78,23 @@ class Planner:
         # What a dense baseline may use: the CPU cap, or the GPU's memory.
         self.memory_gib = limits.memory_budget_gib if memory_gib is None else memory_gib
         self.failed: Dict[tuple, tuple] = {}  # series -> (status, N)
-        self.last_ok: Dict[tuple, tuple] = {}  # series -> (N, median seconds, peak bytes)
+        self.last_ok: Dict[object, tuple] = {}  # series, and backend -> (case, median seconds, peak bytes)
         self.started = time.monotonic()
 
     def projected_run_s(self, case: Case) -> Optional[float]:
-        if case.series() not in self.last_ok:
+        """From the last run of the series, else of the backend, scaled by the work (MATH.md section 7)."""
+        last = self.last_ok.get(case.series()) or self.last_ok.get(case.backend)
+        if last is None:
             return None
-        n0, t0, _ = self.last_ok[case.series()]
-        return t0 * (case.n / n0) ** 2  # the O(M*C) work dominates
+        case0, t0, _ = last
+        return t0 * case.flops() / case0.flops()
 
     def projected_dense_bytes(self, case: Case) -> int:
         """A lower bound of what a dense baseline needs: its M x C matrix, or its last peak scaled by N^2."""
         lower = ops.dense_bytes_lower_bound(case)
         if lower and case.series() in self.last_ok:
-            n0, _, peak0 = self.last_ok[case.series()]
-            lower = max(lower, int(peak0 * (case.n / n0) ** 2))
+            case0, _, peak0 = self.last_ok[case.series()]
+            lower = max(lower, int(peak0 * (case.n / case0.n) ** 2))
         return lower
 
     def projected_case_s(self, case: Case) -> float:
@@ -102,8 +105,19 @@ class Planner:
         runs_s = run if run >= lim.long_run_s else min(max(lim.min_runs * run, lim.target_s), lim.max_runs * run)
         return CHILD_OVERHEAD_S + runs_s
 
-    def verdict(self, case: Case) -> Optional[Outcome]:
+    def plan(self, case: Case) -> Optional[Outcome]:
         """An outcome recorded without running, or None to run the case."""
+        outcome = self._known_outcome(case)
+        if outcome is not None:
+            self.record(case, outcome)  # a projected failure ends its series like a measured one
+            return outcome
+        if self.limits.sweep_minutes is not None:
+            end = time.monotonic() - self.started + self.projected_case_s(case)
+            if end > 60 * self.limits.sweep_minutes:
+                return Outcome("timeout", note=f"not run: past the sweep's {self.limits.sweep_minutes} min budget")
+        return None
+
+    def _known_outcome(self, case: Case) -> Optional[Outcome]:
         reason = ops.unavailable_reason(case, self.device)
         if reason is not None:
             return Outcome("unavailable", note=reason)
@@ -117,15 +131,12 @@ class Planner:
         run = self.projected_run_s(case)
         if run is not None and run > self.limits.run_cap_s:
             return Outcome("timeout", note=f"not run: projected {run:.0f} s per run > cap {self.limits.run_cap_s} s")
-        if self.limits.sweep_minutes is not None:
-            end = time.monotonic() - self.started + self.projected_case_s(case)
-            if end > 60 * self.limits.sweep_minutes:
-                return Outcome("timeout", note=f"not run: past the sweep's {self.limits.sweep_minutes} min budget")
         return None
 
     def record(self, case: Case, outcome: Outcome) -> None:
         if outcome.status == "ok":
-            self.last_ok[case.series()] = (case.n, outcome.result["median_s"], outcome.result.get("peak_bytes", 0))
+            last = (case, outcome.result["median_s"], outcome.result.get("peak_bytes", 0))
+            self.last_ok[case.series()] = self.last_ok[case.backend] = last
         elif outcome.status in ("OOM", "timeout"):
             self.failed.setdefault(case.series(), (outcome.status, case.n))
 
@@ -175,8 +186,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress = tqdm(cases, desc=f"bench {preset.name}", unit="case", file=sys.stderr)
     for case in progress:
         progress.set_postfix_str(f"{case.backend} {case.layout} {case.mode} N={case.n} D={case.d} {case.dtype}")
-        outcome = planner.verdict(case) or measure_case(case, limits, args.device)
-        planner.record(case, outcome)
+        outcome = planner.plan(case)
+        if outcome is None:
+            outcome = measure_case(case, limits, args.device)
+            planner.record(case, outcome)
         rows.append(report.make_row(case, outcome, env))
         report.write_csv(rows, csv_path)  # after every case: an interrupted sweep keeps its rows
     progress.close()
