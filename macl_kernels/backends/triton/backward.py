@@ -20,12 +20,12 @@ import triton
 import triton.language as tl
 
 from ..._math import accumulation_dtype
-from .configs import FIXED_CONFIGS, TUNED_CONFIGS, TUNING_KEY, autotuned, block_d, size_class
+from .configs import FIXED_CONFIGS, SIZES, TUNED_CONFIGS, TUNING_KEY, autotuned, block_d, size_class
 from .helpers import dot_acc, excluded_columns, load_tile, rounded, similarity_tile, store_tile
 from .launch import dot_flags, launcher
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def rows_kernel(
     x_ptr,
     y_ptr,
@@ -100,7 +100,7 @@ def rows_kernel(
     store_tile(out_ptr, acc * coef[:, None], rows, dims, M, D, stride_om, stride_od, INTERPRETER)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def columns_kernel(
     x_ptr,
     y_ptr,

@@ -56,6 +56,11 @@ GPU_CONFIGS = [
 TUNED_CONFIGS = [INTERPRETER_CONFIG] if INTERPRET else GPU_CONFIGS
 FIXED_CONFIGS = [INTERPRETER_CONFIG] if INTERPRET else [SMALL_CONFIG]
 
+# Sizes only bound the masks: not specializing them on divisibility by 16 saves a
+# compilation per new size (strides stay specialized: they decide vectorized loads).
+SIZES = ["M", "C", "D", "ROWS_CLASS", "COLS_CLASS"]
+ROW_COUNTS = ["N", "D"]
+
 # Autotuning is keyed by size class (the next power of two of the anchor and
 # candidate counts) and the embedding chunk, not by the exact sizes.
 TUNING_KEY = ["ROWS_CLASS", "COLS_CLASS", "BLOCK_D", "SINGLE_CHUNK", "TF32"]

@@ -15,12 +15,12 @@ import triton
 import triton.language as tl
 
 from ..._math import accumulation_dtype
-from .configs import FIXED_CONFIGS, TUNED_CONFIGS, TUNING_KEY, autotuned, block_d, size_class
+from .configs import FIXED_CONFIGS, SIZES, TUNED_CONFIGS, TUNING_KEY, autotuned, block_d, size_class
 from .helpers import dot_acc, excluded_columns, load_tile, similarity_tile
 from .launch import dot_flags, launcher
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def negative_lse_kernel(
     x_ptr,
     y_ptr,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..._math import accumulation_dtype
-from .configs import INTERPRET, PROLOGUE_ROWS, block_d
+from .configs import INTERPRET, PROLOGUE_ROWS, ROW_COUNTS, block_d
 from .helpers import load_tile, store_tile
 from .launch import launcher
 
@@ -27,7 +27,7 @@ NORM_EPS = 1e-12  # F.normalize's default eps (MATH.md section 1)
 INTERPRETER_ROWS = 128  # bigger blocks are cheaper in the interpreter
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNTS)
 def normalize_pair_kernel(
     z0_ptr,
     z1_ptr,
@@ -115,7 +115,7 @@ def _rows_and_upstream(
     return u0, u1, g0, g1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNTS)
 def normalize_pair_backward_kernel(
     z0_ptr,
     z1_ptr,
