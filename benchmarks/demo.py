@@ -41,6 +41,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=32768)
     p.add_argument("--budget-gib", type=float, default=4.0, help="memory budget of one large-batch training process")
     p.add_argument("--step-timeout-s", type=float, default=600.0, help="time cap of one large-batch process")
+    p.add_argument("--backend", default="auto", help="the fused backend of both parts (default: auto)")
     return p.parse_args(argv)
 
 
@@ -52,14 +53,14 @@ def mean_curves(histories: List[demo_digits.History]) -> Dict[str, List[float]]:
     return {f: [statistics.fmean(v) for v in zip(*(getattr(h, f) for h in histories))] for f in fields}
 
 
-def learning_part(epochs: int, seeds: int, log) -> Dict[str, Dict[str, List[float]]]:
+def learning_part(epochs: int, seeds: int, backend: str, log) -> Dict[str, Dict[str, List[float]]]:
     data = demo_digits.evaluation_data()
     train_x, train_y, test_x, test_y, perturbed = data
     log(f"digits: {len(train_x)} training and {len(test_x)} held-out images (8x8); {epochs} epochs, {seeds} seeds")
     log(f"  k-NN on raw pixels: {demo_digits.knn_accuracy(train_x, train_y, test_x, test_y):.3f} clean, "
         f"{demo_digits.knn_accuracy(train_x, train_y, perturbed, test_y):.3f} perturbed")  # fmt: skip
     curves = {}
-    for name, loss_fn in demo_digits.LOSSES.items():
+    for name, loss_fn in demo_digits.losses(backend).items():
         start = time.perf_counter()
         histories = [demo_digits.train(loss_fn, data, epochs=epochs, seed=s) for s in range(seeds)]
         curves[name] = c = mean_curves(histories)
@@ -102,7 +103,7 @@ def steps_for(batch: int) -> int:
 
 
 def large_batch_part(args: argparse.Namespace, log) -> List[Dict]:
-    names = {"fused": demo_large_batch.fused_name(), "dense": demo_large_batch.dense_name()}
+    names = {"fused": demo_large_batch.fused_name(args.backend), "dense": demo_large_batch.dense_name()}
     log(f"large batch: full training steps (augment, encoder, loss, backward, Adam), "
         f"memory budget {args.budget_gib:g} GiB per process")  # fmt: skip
     log(f"  fused: {names['fused']}; dense: {names['dense']}")
@@ -120,7 +121,7 @@ def large_batch_part(args: argparse.Namespace, log) -> List[Dict]:
                 row[loss] = {"status": "skipped", "note": f"its {matrix_gib:.0f} GiB matrix alone is over budget"}
             else:
                 payload = json.dumps({"loss": loss, "batch": batch, "budget_gib": args.budget_gib,
-                                      "steps": steps_for(batch)})  # fmt: skip
+                                      "steps": steps_for(batch), "backend": args.backend})  # fmt: skip
                 outcome = run_isolated("benchmarks.demo_large_batch", [payload], timeout_s=args.step_timeout_s)
                 row[loss] = {"status": outcome.status, "note": outcome.note, **outcome.result}
             if loss == "dense" and row[loss]["status"] != "ok" and over_budget is None:
@@ -175,9 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines.append(line)
 
     started = time.perf_counter()
-    curves = learning_part(args.epochs, args.seeds, log)
+    curves = learning_part(args.epochs, args.seeds, args.backend, log)
     plot_training(curves, os.path.join(args.out, "training.png"))
-    names = {"fused": demo_large_batch.fused_name(), "dense": demo_large_batch.dense_name()}
+    names = {"fused": demo_large_batch.fused_name(args.backend), "dense": demo_large_batch.dense_name()}
     results = large_batch_part(args, log)
     plot_large_batch(results, names, args.budget_gib, os.path.join(args.out, "large_batch.png"))
     log(f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {args.out}")

@@ -8,6 +8,7 @@ representation is judged by k-NN accuracy on held-out digits.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
 
@@ -74,10 +75,13 @@ def knn_accuracy(
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, mk.MACLStats]]
 
-LOSSES: Dict[str, LossFn] = {
-    "MACL": lambda z0, z1: mk.macl_loss(z0, z1, return_stats=True),
-    "NT-Xent": lambda z0, z1: mk.nt_xent_loss(z0, z1, return_stats=True),
-}
+
+def losses(backend: str = "auto") -> Dict[str, LossFn]:
+    """MACL (lightly's defaults) and NT-Xent at the same base temperature, with their statistics."""
+    return {
+        "MACL": functools.partial(mk.macl_loss, backend=backend, return_stats=True),
+        "NT-Xent": functools.partial(mk.nt_xent_loss, backend=backend, return_stats=True),
+    }
 
 
 @dataclass

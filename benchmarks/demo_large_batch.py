@@ -1,6 +1,7 @@
 """Full training steps at one large batch size, in this (fresh) process, under a memory budget.
 
-``python -m benchmarks.demo_large_batch '{"loss": "fused"|"dense", "batch": B, "budget_gib": G, "steps": S}'``
+``python -m benchmarks.demo_large_batch '{"loss": "fused"|"dense", "batch": B, "budget_gib": G, "steps": S,
+"backend": "auto"}'`` (``backend``: the fused loss's)
 
 A step is what a training loop does: two augmented views of B digits (sampled with
 replacement), the encoder forward, the loss, backward and an optimizer step. The
@@ -10,6 +11,7 @@ loss that needs more fails with an allocation error (reported as OOM).
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -44,16 +46,16 @@ def dense_name() -> str:
         return "dense reference"
 
 
-def fused_name() -> str:
-    return f"macl_kernels backend='auto' ({mk.backends.resolve('auto', torch.device('cpu')).name})"
+def fused_name(backend: str = "auto") -> str:
+    return f"macl_kernels backend={backend!r} ({mk.backends.resolve(backend, torch.device('cpu')).name})"
 
 
-def run(loss: str, batch: int, budget_gib: float, steps: int) -> Dict:
+def run(loss: str, batch: int, budget_gib: float, steps: int, backend: str = "auto") -> Dict:
     torch.manual_seed(0)
     train_x = load_digits_split()[0]
     model = Encoder()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = mk.macl_loss if loss == "fused" else dense_loss()
+    loss_fn = functools.partial(mk.macl_loss, backend=backend) if loss == "fused" else dense_loss()
     generator = torch.Generator().manual_seed(0)
     losses = []
 
@@ -80,7 +82,7 @@ def run(loss: str, batch: int, budget_gib: float, steps: int) -> Dict:
 def main(argv) -> int:
     args = json.loads(argv[0])
     try:
-        emit(run(args["loss"], args["batch"], args["budget_gib"], args["steps"]))
+        emit(run(args["loss"], args["batch"], args["budget_gib"], args["steps"], args.get("backend", "auto")))
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise

@@ -61,6 +61,9 @@ def run_isolated(module: str, args: Sequence[str], timeout_s: float) -> Outcome:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return Outcome("timeout", note=f"killed after {timeout_s:.0f} s")
+    except BaseException:  # e.g. Ctrl-C: do not leave the child running in its own session
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             result = json.loads(line[len(RESULT_TAG) :])

@@ -33,7 +33,7 @@ def _small_data():
 
 @pytest.mark.parametrize("name", ["MACL", "NT-Xent"])
 def test_training_records_every_epoch(name):
-    history = demo_digits.train(demo_digits.LOSSES[name], _small_data(), epochs=2, batch_size=32)
+    history = demo_digits.train(demo_digits.losses("torch")[name], _small_data(), epochs=2, batch_size=32)
     assert len(history.loss) == len(history.alignment) == len(history.temperature) == 2
     assert len(history.knn_clean) == len(history.knn_perturbed) == 3  # before training, then per epoch
     assert all(torch.isfinite(torch.tensor(history.loss)))
@@ -44,8 +44,8 @@ def test_training_records_every_epoch(name):
 
 
 def test_same_seed_same_training():
-    a = demo_digits.train(demo_digits.LOSSES["MACL"], _small_data(), epochs=1, batch_size=32, seed=3)
-    b = demo_digits.train(demo_digits.LOSSES["MACL"], _small_data(), epochs=1, batch_size=32, seed=3)
+    a = demo_digits.train(demo_digits.losses("torch")["MACL"], _small_data(), epochs=1, batch_size=32, seed=3)
+    b = demo_digits.train(demo_digits.losses("torch")["MACL"], _small_data(), epochs=1, batch_size=32, seed=3)
     assert a == b
 
 
@@ -61,6 +61,7 @@ def test_dense_loss_over_the_budget_is_oom():
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     args = ["--out", str(out), "--epochs", "1", "--seeds", "1", "--min-batch", "256", "--max-batch", "256"]
+    args += ["--backend", "torch"]
     assert demo.main(args) == 0
     summary = (out / "summary.txt").read_text()
     assert "MACL" in summary and "NT-Xent" in summary and "k-NN" in summary
