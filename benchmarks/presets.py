@@ -87,9 +87,10 @@ def cpu_preset(fused: Sequence[str]) -> Preset:
 
 
 def gpu_preset(fused: Sequence[str]) -> Preset:
-    # The torch fallback and the dense baselines are in the main sweeps only; the
-    # variants (D = 256, forward only) are for the kernels. The dense baselines at
-    # 65536 are projected from their peak at 16384 (OOM on one GPU) and not run.
+    # In order of importance (a short sweep budget cuts the end): every backend in
+    # bf16, inf-cl's layout, fp32, then the kernels' variants (D = 256, forward only).
+    # The dense baselines at 65536 are projected from their peak at 16384 (OOM on one
+    # GPU) and not run.
     kernels = [b for b in fused if b != "torch"] or list(fused)
     sizes = [4096, 16384, 65536]
     cases = _grid([*fused, *DENSE], "macl", "ntxent", "fwd_bwd", sizes, [128], ["bfloat16"])

@@ -5,7 +5,8 @@ the dense reference eager and under torch.compile, inf-cl on GPU), each case in 
 fresh subprocess (benchmarks.measure). Writes DIR/results.csv, DIR/results.md,
 DIR/machine.json and one PNG per group, and prints the markdown, its tables last.
 
-Cases run in order of N. A case is recorded without being run when the result is
+Cases run in the preset's order (each series by increasing N, the most important
+cases first, so that a short sweep budget cuts the least). A case is recorded without being run when the result is
 already known: "unavailable"; OOM or timeout at a smaller N of the same series; a
 dense baseline projected over the memory budget (its M x C matrix, or its peak at
 the last N scaled by N^2); a run projected past the time cap (the last run of the
@@ -60,8 +61,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def select(cases: List[Case], args: argparse.Namespace) -> List[Case]:
     filters = {"backend": args.backends, "layout": args.layouts, "mode": args.modes}
     filters.update(n=args.sizes, d=args.dims, dtype=args.dtypes)
-    kept = [c for c in cases if all(v is None or getattr(c, k) in v for k, v in filters.items())]
-    return sorted(kept, key=lambda c: c.n)  # stable: the preset's order within one N
+    return [c for c in cases if all(v is None or getattr(c, k) in v for k, v in filters.items())]
 
 
 def override_limits(limits: Limits, args: argparse.Namespace) -> Limits:
