@@ -11,6 +11,7 @@ from typing import Dict, List
 import torch
 
 from .base import Backend
+from .cpp import CppBackend
 from .torch_chunked import TorchBackend
 from .triton import TritonBackend
 
@@ -22,7 +23,7 @@ _REGISTRY: Dict[str, Backend] = {}
 # Names that are not registered (an extension that was not built) are skipped.
 AUTO_ORDER: Dict[str, List[str]] = {
     "cuda": ["triton", "torch"],
-    "cpu": ["torch"],
+    "cpu": ["cpp", "torch"],
 }
 AUTO_FALLBACK = "torch"
 
@@ -32,6 +33,7 @@ def register(backend: Backend) -> None:
 
 
 register(TorchBackend())
+register(CppBackend())
 register(TritonBackend())
 
 

@@ -1,0 +1,22 @@
+// The op schemas of macl_kernels, declared once; each device registers its kernels in
+// its own file (cpu/negative_lse_cpu.cpp, cuda/negative_lse_cuda.cpp). The contract is
+// macl_kernels/backends/base.py; the fake kernels and autograd live in macl_kernels/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import macl_kernels._C` loads this library, which registers the ops below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(macl_kernels, m) {
+  m.set_python_module("macl_kernels._ops");
+  // lse[r] = log sum_{c not excluded for r} exp(x[r] . y[c] / tau); y = None: y is x.
+  m.def("negative_lse(Tensor x, Tensor? y, Tensor excluded, Tensor tau) -> Tensor");
+  // (dx, dy) for an upstream grad_lse; dy is empty (0 elements) when y is None (dx then
+  // holds both roles) or when need_dy is false.
+  m.def(
+      "negative_lse_backward(Tensor grad_lse, Tensor x, Tensor? y, Tensor excluded, Tensor tau, Tensor lse, "
+      "bool need_dy) -> (Tensor, Tensor)");
+}

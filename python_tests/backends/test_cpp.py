@@ -1,0 +1,199 @@
+"""The C++ CPU backend's own tests (the conformance suite covers the loss itself).
+
+Here: that it is built and picked by ``auto``, block edges of its tiles and of its
+symmetric schedule, the op against the chunked torch backend on arbitrary excluded
+tables, every compiled instruction-set variant, determinism across thread counts,
+opcheck, torch.compile tracing, the memory bound, and the error without the extension.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import macl_kernels as mk
+from macl_kernels import _ops, backends
+from macl_kernels._fused import layout_exclusions
+from macl_kernels.backends.torch_chunked import TorchBackend
+from python_tests.backends.test_torch_chunked import peak_rss_mb
+from python_tests.helpers import assert_matches_reference, assert_rel_close, bitwise_equal, loss_and_grads, make_views
+
+BLOCK = 256  # kBlock of csrc/cpu/negative_lse_cpu.cpp
+LAYOUTS = ("ntxent", "cross", "cross_sym", "queue")
+CPU = torch.device("cpu")
+
+
+def test_built_and_picked_by_auto():
+    # Guards against a build or import failure silently removing "cpp" from the conformance suite.
+    assert _ops.LOAD_ERROR is None, _ops.LOAD_ERROR
+    assert "cpp" in mk.available_backends("cpu")
+    assert backends.resolve("auto", CPU).name == "cpp"
+
+
+def test_cpp_is_for_cpu_tensors_only():
+    reason = backends.CppBackend().unavailable_reason(torch.device("cuda"))
+    assert reason is not None and "CPU tensors" in reason
+
+
+# N pairs -> M = 2N ntxent rows: one block plus a sliver, two blocks (even schedule),
+# three and five blocks (odd schedules with a resting block each round), all with the
+# positives' columns in other blocks than their rows.
+@pytest.mark.parametrize("n", [129, 256, 384, 640])
+def test_symmetric_schedule_block_edges(n):
+    z0, z1, _ = make_views(n, 7, torch.float64, seed=n)
+    assert_matches_reference("cpp", z0, z1, reduction="none")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rectangular_block_edges(layout):
+    # 257 anchors (a one-row second block) against 2 * 257 or 257 + 300 candidates.
+    z0, z1, bank = make_views(BLOCK + 1, 5, torch.float64, seed=3, bank_rows=300)
+    assert_matches_reference("cpp", z0, z1, bank if layout == "queue" else None, layout=layout, reduction="none")
+
+
+def random_exclusions(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """An arbitrary excluded table: not symmetric, -1s, repeated and out-of-range columns."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(-1, cols + 2, (rows, 2), generator=g)
+    table[::7, 1] = table[::7, 0]  # the same column twice
+    return table.to(torch.int32)
+
+
+@pytest.mark.parametrize("with_candidates", [False, True])
+def test_op_matches_torch_backend_on_any_exclusions(with_candidates):
+    # The contract of backends.base: y = None means y is x, and nothing forces the
+    # table to be symmetric; rows and columns of a symmetric tile are masked apart.
+    g = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.normalize(torch.randn(2 * BLOCK + 45, 6, generator=g, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(BLOCK + 3, 6, generator=g, dtype=torch.float64), dim=1)
+    y = y if with_candidates else None
+    cols = x.shape[0] if y is None else y.shape[0]
+    excluded = random_exclusions(x.shape[0], cols, seed=5)
+    tau = torch.tensor(0.2, dtype=torch.float64)
+    upstream = torch.rand(x.shape[0], generator=g, dtype=torch.float64)
+    results = []
+    for backend in (backends.CppBackend(), TorchBackend()):
+        xs = x.clone().requires_grad_(True)
+        ys = None if y is None else y.clone().requires_grad_(True)
+        lse = backend.negative_lse(xs, ys, excluded, tau)
+        (lse * upstream).sum().backward()
+        results.append([lse.detach(), xs.grad] + ([] if ys is None else [ys.grad]))
+    for name, got, expected in zip(("lse", "dx", "dy"), *results):
+        assert_rel_close(got, expected, 1e-12, name)
+
+
+@pytest.mark.parametrize("with_candidates", [True, False])
+def test_op_gradcheck(with_candidates):
+    g = torch.Generator().manual_seed(2)
+    x = torch.nn.functional.normalize(torch.randn(6, 3, generator=g, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(5, 3, generator=g, dtype=torch.float64), dim=1)
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    tau = torch.tensor(0.3, dtype=torch.float64)
+    if with_candidates:
+        excluded = torch.cat([layout_exclusions("cross", 5, CPU), layout_exclusions("cross", 1, CPU)])
+        assert torch.autograd.gradcheck(lambda a, b: _ops.negative_lse(a, b, excluded, tau), (x, y))
+    else:
+        excluded = layout_exclusions("ntxent", 3, CPU)
+        assert torch.autograd.gradcheck(lambda a: _ops.negative_lse(a, None, excluded, tau), (x,))
+
+
+def op_samples():
+    g = torch.Generator().manual_seed(6)
+    x = torch.nn.functional.normalize(torch.randn(10, 4, generator=g), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(7, 4, generator=g), dim=1)
+    tau = torch.tensor(0.25)
+    yield (x.clone().requires_grad_(True), None, layout_exclusions("ntxent", 5, CPU), tau)
+    yield (x.clone().requires_grad_(True), y.clone().requires_grad_(True), random_exclusions(10, 7, 7), tau)
+    yield (x.double(), y.double(), random_exclusions(10, 7, 8), tau.double())
+
+
+@pytest.mark.parametrize("sample", list(range(3)))
+def test_opcheck(sample):
+    args = list(op_samples())[sample]
+    torch.library.opcheck(torch.ops.macl_kernels.negative_lse.default, args)
+    x, y, excluded, tau = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
+    backward_args = (torch.rand_like(lse), x, y, excluded, tau, lse, y is not None)
+    torch.library.opcheck(torch.ops.macl_kernels.negative_lse_backward.default, backward_args)
+
+
+def test_torch_compile_traces_through_the_op():
+    z0, z1, _ = make_views(24, 8, seed=9)
+    eager = loss_and_grads(z0, z1, backend="cpp")
+    compiled_loss = torch.compile(lambda a, b: mk.macl_loss(a, b, backend="cpp"), backend="aot_eager", fullgraph=True)
+    a, b = z0.clone().requires_grad_(True), z1.clone().requires_grad_(True)
+    loss = compiled_loss(a, b)
+    loss.backward()
+    assert_rel_close(loss.detach(), eager[0], 1e-6, "compiled loss")
+    assert_rel_close(a.grad, eager[1][0], 1e-6, "compiled dz0")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_same_bits_for_any_number_of_threads(layout):
+    # The tiles of a round run in parallel but each block's contributions arrive in the
+    # schedule's order, so 1, 2 or 3 threads give identical results.
+    z0, z1, bank = make_views(300, 16, seed=10, bank_rows=BLOCK + 20)
+    bank = bank if layout == "queue" else None
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n_threads in (2, 1, 3, 2):
+            torch.set_num_threads(n_threads)
+            loss, grads = loss_and_grads(z0, z1, bank, backend="cpp", layout=layout, reduction="none")
+            runs.append([loss, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(bitwise_equal(runs[0], run) for run in runs[1:])
+
+
+VARIANT_SCRIPT = """
+import sys, torch
+from python_tests.helpers import assert_matches_reference, make_views
+assert torch.backends.cpu.get_cpu_capability() == sys.argv[1], torch.backends.cpu.get_cpu_capability()
+for layout in ("ntxent", "cross_sym"):
+    for dtype in (torch.float32, torch.float64):
+        z0, z1, _ = make_views(300, 13, dtype, seed=11)
+        assert_matches_reference("cpp", z0, z1, layout=layout)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
+def test_every_instruction_set_variant(capability):
+    # ATen's capability (the ambient one runs in every other test) also picks the tile passes.
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("x86 CPU with AVX2 needed")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
+    out = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, capability], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+MISSING_EXTENSION_SCRIPT = """
+import sys
+sys.modules["macl_kernels._C"] = None  # as if the extension had not been built
+import torch, macl_kernels as mk
+assert "cpp" not in mk.available_backends("cpu")
+z0, z1 = torch.randn(8, 4), torch.randn(8, 4)
+assert torch.isfinite(mk.macl_loss(z0, z1))  # auto falls back to torch
+try:
+    mk.macl_loss(z0, z1, backend="cpp")
+except RuntimeError as e:
+    print(e)
+"""
+
+
+def test_missing_extension_keeps_the_package_usable_and_says_how_to_build():
+    out = subprocess.run([sys.executable, "-c", MISSING_EXTENSION_SCRIPT], capture_output=True, text=True, check=True)
+    message = out.stdout.strip()
+    assert "backend 'cpp' cannot run on cpu" in message
+    assert "macl_kernels._C" in message and "make install" in message
+
+
+@pytest.mark.slow
+def test_memory_bound_at_16k_pairs():
+    # N = 16384 pairs, ntxent: the dense 32768 x 32768 float32 matrix alone is 4 GiB.
+    # The whole process, interpreter and torch included, stays under 1 GB.
+    assert peak_rss_mb(16384, 64, "cpp") < 1000
