@@ -38,7 +38,7 @@ else
     DEVICE=cuda PRESET=gpu
     CONFORMANCE_ARGS=()
     BENCH_ARGS=()
-    CAPS=(150 170 60 90)  # build, conformance, gpu tests, gpu_check; the benchmark gets the rest
+    CAPS=(150 170 80 80)  # build, conformance, gpu tests, gpu_check; the benchmark gets the rest
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PIP_BREAK_SYSTEM_PACKAGES=1  # the GPU machine's system python3 may be marked externally managed
