@@ -30,7 +30,9 @@ def fp32_dots_use_tf32() -> bool:
     """Whether fp32 dots may use TF32, as ``torch.backends.cuda.matmul`` says (IEEE by default).
 
     torch >= 2.9 has ``fp32_precision`` and raises on reading ``allow_tf32`` once
-    only the new setting was used, so the new setting is read first.
+    only the new setting was used, so the new setting is read first. Dynamo cannot
+    trace these getters: under torch.compile the value is fixed when the loss is
+    traced (changing it later needs ``torch._dynamo.reset()``).
     """
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", "none")
