@@ -13,7 +13,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 INSTALL_STAMP := $(VENV)/.install-stamp
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test bench demo bench-regress checkstyle clean
+.PHONY: install spill-check test bench demo bench-regress checkstyle clean
 
 $(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,13 +22,26 @@ $(DEPS_STAMP): requirements-dev.txt
 	$(PIP) install --quiet --no-deps lightly==$(LIGHTLY_VERSION)
 	touch $@
 
+# The extension (setup.py): the C++ CPU ops, and the CUDA kernels, forced in so that
+# they are compiled and linked (not run) on a machine without a GPU too. The compiler
+# output, ptxas's resource report included, goes to $(BUILD_LOG).
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
+MACL_KERNELS_FORCE_CUDA ?= 1
+export CUDA_HOME MACL_KERNELS_FORCE_CUDA
+BUILD_LOG := build/build.log
+
 $(INSTALL_STAMP): $(DEPS_STAMP) $(SOURCES)
-	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	mkdir -p build
+	$(PIP) install -v --no-build-isolation --no-deps -e . > $(BUILD_LOG) 2>&1 || { tail -n 60 $(BUILD_LOG); exit 1; }
 	touch $@
 
 install: $(INSTALL_STAMP)
 
-test: install
+# Every CUDA kernel on sm_90 must show 0 bytes of register spills (tools/check_spills.py).
+spill-check: install
+	$(PY) tools/check_spills.py --arch 90 --log build/ptxas-sm_90.log
+
+test: install spill-check
 	$(PY) -m pytest
 
 # BENCH_ARGS: e.g. "--out benchmarks/results" for the committed copy, "--sizes 8192" for one size.

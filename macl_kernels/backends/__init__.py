@@ -12,6 +12,7 @@ import torch
 
 from .base import Backend
 from .cpp import CppBackend
+from .cuda import CudaBackend
 from .torch_chunked import TorchBackend
 from .triton import TritonBackend
 
@@ -22,7 +23,7 @@ _REGISTRY: Dict[str, Backend] = {}
 # What backend="auto" tries, in order, per device type; the first available wins.
 # Names that are not registered (an extension that was not built) are skipped.
 AUTO_ORDER: Dict[str, List[str]] = {
-    "cuda": ["triton", "torch"],
+    "cuda": ["triton", "cuda", "torch"],
     "cpu": ["cpp", "torch"],
 }
 AUTO_FALLBACK = "torch"
@@ -34,6 +35,7 @@ def register(backend: Backend) -> None:
 
 register(TorchBackend())
 register(CppBackend())
+register(CudaBackend())
 register(TritonBackend())
 
 

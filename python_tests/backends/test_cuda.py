@@ -1,0 +1,113 @@
+"""The CUDA backend's own tests, on a GPU (gpu-marked: benchmarks/gpu_check.sh runs them).
+
+The conformance suite runs the loss through it with MACL_TEST_DEVICE=cuda. Here: it
+is built and available, the edges of its 32- and 64-row tiles, every dtype at sizes
+where many tiles and feature chunks meet, agreement with the C++ CPU kernel,
+determinism, opcheck, the current stream without host synchronization, memory.
+"""
+
+import pytest
+import torch
+
+import macl_kernels as mk
+from macl_kernels import _ops
+from macl_kernels._fused import layout_exclusions
+from python_tests.helpers import assert_matches_reference, assert_rel_close, bitwise_equal, loss_and_grads, make_views
+
+pytestmark = pytest.mark.gpu
+LAYOUTS = ("ntxent", "cross", "cross_sym", "queue")
+
+
+def views(n, d, dtype=torch.float32, seed=0, layout="ntxent", bank_rows=37):
+    z0, z1, bank = make_views(n, d, dtype, seed=seed, device="cuda", bank_rows=bank_rows)
+    return z0, z1, (bank if layout == "queue" else None)
+
+
+def test_built_with_cuda_kernels_and_available():
+    assert _ops.LOAD_ERROR is None, _ops.LOAD_ERROR
+    assert "cuda" in _ops.KERNEL_DEVICES, "rebuild the extension on this machine (or with MACL_KERNELS_FORCE_CUDA=1)"
+    assert "cuda" in mk.available_backends("cuda")
+
+
+@pytest.mark.parametrize("n", [15, 16, 17, 32, 33, 100])  # 2n rows: edges of 32- (fp64) and 64-row tiles
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_tile_edges_match_reference(n, layout, dtype):
+    z0, z1, bank = views(n, 19, dtype, seed=n, layout=layout, bank_rows=65)
+    assert_matches_reference("cuda", z0, z1, bank, layout=layout, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_many_tiles_and_feature_chunks_match_reference(dtype, layout):
+    # D = 130: three 64-feature chunks (the last of 2), 16-bit inputs on tensor cores.
+    z0, z1, bank = views(1000, 130, dtype, seed=1, layout=layout, bank_rows=777)
+    assert_matches_reference("cuda", z0, z1, bank, layout=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_agrees_with_the_cpu_kernel(layout):
+    z0, z1, bank = views(300, 64, seed=2, layout=layout)
+    cuda = loss_and_grads(z0, z1, bank, backend="cuda", layout=layout, reduction="none")
+    cpu_bank = None if bank is None else bank.cpu()
+    cpu = loss_and_grads(z0.cpu(), z1.cpu(), cpu_bank, backend="cpp", layout=layout, reduction="none")
+    for name, got, expected in zip(("loss", "dz0", "dz1"), [cuda[0], *cuda[1]], [cpu[0], *cpu[1]]):
+        assert_rel_close(got.cpu(), expected, 1e-5, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_deterministic(dtype, layout):
+    z0, z1, bank = views(700, 96, dtype, seed=3, layout=layout)
+    first = loss_and_grads(z0, z1, bank, backend="cuda", layout=layout)
+    second = loss_and_grads(z0, z1, bank, backend="cuda", layout=layout)
+    assert bitwise_equal([first[0], *first[1]], [second[0], *second[1]])
+
+
+def op_args(dtype=torch.float32, with_candidates=False):
+    g = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.normalize(torch.randn(70, 24, generator=g), dim=1).to("cuda", dtype)
+    y = torch.nn.functional.normalize(torch.randn(45, 24, generator=g), dim=1).to("cuda", dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tau = torch.tensor(0.2, dtype=acc, device="cuda")
+    if with_candidates:
+        return x, y, layout_exclusions("queue", 70, x.device), tau
+    return x, None, layout_exclusions("ntxent", 35, x.device), tau
+
+
+@pytest.mark.parametrize("with_candidates", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck(dtype, with_candidates):
+    x, y, excluded, tau = op_args(dtype, with_candidates)
+    args = (x.requires_grad_(True), None if y is None else y.requires_grad_(True), excluded, tau)
+    torch.library.opcheck(torch.ops.macl_kernels.negative_lse.default, args)
+
+
+def test_current_stream_and_no_host_synchronization():
+    x, y, excluded, tau = op_args(torch.bfloat16, with_candidates=True)
+    expected = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
+            dx, dy = torch.ops.macl_kernels.negative_lse_backward(torch.ones_like(lse), x, y, excluded, tau, lse, True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    stream.synchronize()
+    assert torch.equal(lse, expected)
+    assert torch.isfinite(dx.float()).all() and torch.isfinite(dy.float()).all()
+
+
+def test_memory_stays_linear_in_the_batch():
+    # N = 32768 pairs, ntxent: the dense 65536 x 65536 similarities would take 8 GiB in bf16.
+    z0, z1, _ = views(32768, 128, torch.bfloat16, seed=5)
+    z0.requires_grad_(True)
+    z1.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    mk.macl_loss(z0, z1, backend="cuda").backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < 256 * 2**20
