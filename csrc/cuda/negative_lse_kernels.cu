@@ -404,8 +404,8 @@ cudaError_t backward(const LseArgs& args, const void* grad_lse, const void* lse,
   p.out = static_cast<Acc*>(dx);
   rows_backward_kernel<In, Acc><<<blocks(p.rows, Tiles<In>::BM), kThreads, 0, stream>>>(p);
   cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess || dy == nullptr) {
-    return status;
+  if (status != cudaSuccess || dy == nullptr || p.cols == 0) {
+    return status;  // (a grid of 0 blocks would be a launch error)
   }
   p.out = static_cast<Acc*>(dy);
   columns_backward_kernel<In, Acc><<<blocks(p.cols, Tiles<In>::BN), kThreads, 0, stream>>>(p);
