@@ -16,7 +16,7 @@ import torch
 from . import distributed
 from ._config import MACLConfig
 from ._math import adaptive_temperature, anchor_loss, reduce_loss
-from ._stats import MACLStats, make_stats
+from ._stats import MACLStats
 from .backends.base import Backend, normalize_rows
 
 NO_COLUMN = -1  # an unused slot of the excluded-columns table
@@ -51,67 +51,45 @@ def fused_macl_loss(
     negatives: Optional[torch.Tensor],
     cfg: MACLConfig,
     backend: Backend,
-) -> Tuple[torch.Tensor, MACLStats]:
-    """The MACL loss through ``backend``; inputs are assumed already checked."""
-    u0, u1, positive_cos = backend.normalize(z0, z1)
-    alignment = positive_cos.detach().mean()
-    tau = adaptive_temperature(alignment, cfg)
-
-    n = z0.shape[0]
-    excluded = layout_exclusions(cfg.layout, n, z0.device)
-    if cfg.layout == "ntxent":
-        lse = backend.negative_lse(torch.cat([u0, u1]), None, excluded, tau)
-        positive_cos = torch.cat([positive_cos, positive_cos])
-    elif cfg.layout == "cross":
-        lse = backend.negative_lse(u0, u1, excluded, tau)
-    elif cfg.layout == "cross_sym":
-        lse = torch.cat([backend.negative_lse(u0, u1, excluded, tau), backend.negative_lse(u1, u0, excluded, tau)])
-        positive_cos = torch.cat([positive_cos, positive_cos])
-    else:  # queue: the bank is normalized like the inputs and gets no gradient
-        _, bank = normalize_rows(negatives.detach())
-        lse = backend.negative_lse(u0, bank, excluded, tau)
-
-    d = positive_cos / tau - lse
-    loss = reduce_loss(anchor_loss(d, cfg), cfg.reduction)
-    return loss, make_stats(alignment, tau, d)
-
-
-def fused_macl_loss_across_ranks(
-    z0: torch.Tensor,
-    z1: torch.Tensor,
-    negatives: Optional[torch.Tensor],
-    cfg: MACLConfig,
-    backend: Backend,
+    *,
+    across_ranks: bool = False,
     with_stats: bool = True,
 ) -> Tuple[torch.Tensor, Optional[MACLStats]]:
-    """This rank's anchors against the candidates of every rank (see :mod:`macl_kernels.distributed`).
+    """The MACL loss through ``backend``; inputs are assumed already checked.
 
-    Inputs are assumed checked, also for agreement across ranks. The backend sees
-    the "local anchors x global candidates" form of its op: ``y`` is never None.
+    ``across_ranks``: this rank's anchors against the candidates of every rank of the
+    process group, with one global A (see :mod:`macl_kernels.distributed`); inputs
+    are then assumed to agree across ranks too, and ``y`` is never None for the backend.
     """
     u0, u1, positive_cos = backend.normalize(z0, z1)
-    alignment = distributed.global_mean(positive_cos)  # one A, hence one tau, on every rank
+    # One A, hence one tau, for the whole (global) batch.
+    alignment = distributed.global_mean(positive_cos) if across_ranks else positive_cos.detach().mean()
     tau = adaptive_temperature(alignment, cfg)
 
     n = z0.shape[0]
-    excluded = layout_exclusions(cfg.layout, n, z0.device, rank=distributed.rank(), world_size=distributed.world_size())
+    rank, world_size = (distributed.rank(), distributed.world_size()) if across_ranks else (0, 1)
+    excluded = layout_exclusions(cfg.layout, n, z0.device, rank=rank, world_size=world_size)
     if cfg.layout == "ntxent":
-        candidates = distributed.gather_views(u0, u1).flatten(0, 1)
+        # In one process the candidates are the anchors themselves: y=None lets backends use the symmetry.
+        candidates = distributed.gather_views(u0, u1).flatten(0, 1) if across_ranks else None
         lse = backend.negative_lse(torch.cat([u0, u1]), candidates, excluded, tau)
         positive_cos = torch.cat([positive_cos, positive_cos])
     elif cfg.layout == "cross":
-        lse = backend.negative_lse(u0, distributed.gather_rows(u1), excluded, tau)
+        lse = backend.negative_lse(u0, distributed.gather_rows(u1) if across_ranks else u1, excluded, tau)
     elif cfg.layout == "cross_sym":
-        all_u0, all_u1 = distributed.gather_views(u0, u1)
+        all_u0, all_u1 = distributed.gather_views(u0, u1) if across_ranks else (u0, u1)
         lse = torch.cat(
             [backend.negative_lse(u0, all_u1, excluded, tau), backend.negative_lse(u1, all_u0, excluded, tau)]
         )
         positive_cos = torch.cat([positive_cos, positive_cos])
-    else:  # queue: the bank is shared by the ranks, not gathered; only tau is global
+    else:  # queue: the bank is normalized like the inputs, gets no gradient and is not gathered
         _, bank = normalize_rows(negatives.detach())
         lse = backend.negative_lse(u0, bank, excluded, tau)
 
     d = positive_cos / tau - lse
     loss = reduce_loss(anchor_loss(d, cfg), cfg.reduction)
-    stats = MACLStats(alignment, tau.detach(), distributed.global_mean(torch.sigmoid(d))) if with_stats else None
-    return loss, stats
+    if not with_stats:
+        return loss, None
+    positive_prob = torch.sigmoid(d.detach())
+    mean_prob = distributed.global_mean(positive_prob) if across_ranks else positive_prob.mean()
+    return loss, MACLStats(alignment, tau.detach(), mean_prob)

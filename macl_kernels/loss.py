@@ -9,7 +9,7 @@ from torch import nn
 
 from . import backends, distributed
 from ._config import DEFAULT_MIN_TEMPERATURE, MACLConfig, check_inputs
-from ._fused import fused_macl_loss, fused_macl_loss_across_ranks
+from ._fused import fused_macl_loss
 from ._stats import MACLStats
 from .backends.reference import macl_loss_reference
 
@@ -26,11 +26,11 @@ def _run(z0, z1, negatives, cfg: MACLConfig, backend: str, return_stats: bool) -
         if impl == backends.REFERENCE:
             loss, stats = distributed.reference_loss_across_ranks(z0, z1, negatives, cfg)
         else:
-            loss, stats = fused_macl_loss_across_ranks(z0, z1, negatives, cfg, impl, with_stats=return_stats)
+            loss, stats = fused_macl_loss(z0, z1, negatives, cfg, impl, across_ranks=True, with_stats=return_stats)
     elif impl == backends.REFERENCE:
         loss, stats = macl_loss_reference(z0, z1, negatives, cfg)
     else:
-        loss, stats = fused_macl_loss(z0, z1, negatives, cfg, impl)
+        loss, stats = fused_macl_loss(z0, z1, negatives, cfg, impl, with_stats=return_stats)
     return (loss, stats) if return_stats else loss
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import macl_kernels as mk
 from macl_kernels import distributed
 from macl_kernels._config import MACLConfig
-from macl_kernels._fused import fused_macl_loss_across_ranks
+from macl_kernels._fused import fused_macl_loss
 from macl_kernels.backends import resolve
 from python_tests.distributed_worker import PAIRS_PER_RANK, global_batch, loss_options, own_rows, spawn_group
 from python_tests.helpers import TOLERANCE, assert_rel_close, fused_backends, loss_and_grads, make_views
@@ -150,7 +150,7 @@ def check_one_rank_group(device, process_group_backend, tmp_path):
             loss, grads = loss_and_grads(z0, z1, bank, layout=layout, backend=backend)
             a, b = (z.detach().clone().requires_grad_(True) for z in (z0, z1))
             distributed.check_same_problem(a, layout)
-            across, _ = fused_macl_loss_across_ranks(a, b, bank, cfg, resolve(backend, a.device))
+            across, _ = fused_macl_loss(a, b, bank, cfg, resolve(backend, a.device), across_ranks=True)
             across.backward()
             assert_rel_close(across, loss, TOLERANCE[torch.float32], f"{backend} {layout} loss")
             for name, got, expected in zip(("dz0", "dz1"), (a.grad, b.grad), grads):
