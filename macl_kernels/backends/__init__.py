@@ -11,8 +11,7 @@ from typing import Dict, List
 import torch
 
 from .base import Backend
-from .cpp import CppBackend
-from .cuda import CudaBackend
+from .cpp import CPP, CUDA
 from .torch_chunked import TorchBackend
 from .triton import TritonBackend
 
@@ -34,8 +33,8 @@ def register(backend: Backend) -> None:
 
 
 register(TorchBackend())
-register(CppBackend())
-register(CudaBackend())
+register(CPP)
+register(CUDA)
 register(TritonBackend())
 
 

@@ -1,8 +1,14 @@
-"""The C++ CPU backend: the fused, tiled kernel of csrc/cpu behind the backend contract.
+"""The C++/CUDA extension's backends: ``cpp`` (csrc/cpu) and ``cuda`` (csrc/cuda).
 
-Tiles of logits come from BLAS gemms and are folded into the log-sum-exps by one
-vectorized (at::vec, SLEEF exp) pass; the ntxent layout computes each symmetric tile
-once for both of its blocks. Deterministic, whatever the number of threads.
+Both run the same compiled op, ``torch.ops.macl_kernels.negative_lse``, whose
+kernel PyTorch dispatches by the inputs' device:
+
+- ``cpp``: tiles of logits from BLAS gemms, folded into the log-sum-exps by one
+  vectorized (at::vec, SLEEF exp) pass; the ntxent layout computes each symmetric
+  tile once for both of its blocks. Deterministic, whatever the number of threads.
+- ``cuda``: tensor-core (WMMA) tiles for fp16/bf16 inputs and CUDA-core tiles for
+  fp32/fp64, an online log-sum-exp per anchor in the forward, and a deterministic
+  backward: a pass that owns row blocks and a pass that owns column blocks.
 """
 
 from __future__ import annotations
@@ -15,14 +21,26 @@ from .. import _ops
 from .base import Backend
 
 
-class CppBackend(Backend):
-    name = "cpp"
-    devices = "CPU (C++ extension)"
+class CompiledBackend(Backend):
+    """The compiled op on one device type."""
+
+    def __init__(self, name: str, device_type: str, devices: str, counterpart: str) -> None:
+        self.name = name
+        self.device_type = device_type
+        self.devices = devices
+        self.counterpart = counterpart
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
-        if device.type != "cpu":
-            return "it runs on CPU tensors only (backend='cuda' is its CUDA counterpart)"
+        if device.type != self.device_type:
+            return (
+                f"it runs on {self.device_type.upper()} tensors only "
+                f"(backend={self.counterpart!r} is its {device.type.upper()} counterpart)"
+            )
         return _ops.unavailable_reason(device)
 
     def negative_lse(self, x, y, excluded, tau):
         return _ops.negative_lse(x, y, excluded, tau)
+
+
+CPP = CompiledBackend("cpp", "cpu", "CPU (C++ extension)", counterpart="cuda")
+CUDA = CompiledBackend("cuda", "cuda", "CUDA (C++/CUDA extension)", counterpart="cpp")

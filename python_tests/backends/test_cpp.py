@@ -33,7 +33,7 @@ def test_built_and_picked_by_auto():
 
 
 def test_cpp_is_for_cpu_tensors_only():
-    reason = backends.CppBackend().unavailable_reason(torch.device("cuda"))
+    reason = backends.CPP.unavailable_reason(torch.device("cuda"))
     assert reason is not None and "CPU tensors" in reason
 
 
@@ -74,7 +74,7 @@ def test_op_matches_torch_backend_on_any_exclusions(with_candidates):
     tau = torch.tensor(0.2, dtype=torch.float64)
     upstream = torch.rand(x.shape[0], generator=g, dtype=torch.float64)
     results = []
-    for backend in (backends.CppBackend(), TorchBackend()):
+    for backend in (backends.CPP, TorchBackend()):
         xs = x.clone().requires_grad_(True)
         ys = None if y is None else y.clone().requires_grad_(True)
         lse = backend.negative_lse(xs, ys, excluded, tau)
