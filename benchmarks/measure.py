@@ -6,8 +6,10 @@ Order of events: imports, inputs, memory cap (CPU), warm-up, then the measured r
   heuristics are per shape) and for torch.compile (compilation).
 - Runs: the first measured run counts; a run of at least ``long_run_s`` is measured
   once, shorter ones are repeated until ``min_runs`` runs and ``target_s`` seconds
-  (at most ``max_runs``). The median is reported. CPU: wall clock; CUDA: CUDA events.
-- Peak memory: see :mod:`benchmarks.memory`, from the end of the warm-up.
+  (at most ``max_runs``). The median is reported. CPU: wall clock. CUDA:
+  ``triton.testing.do_bench`` (its own warm-up and repetitions, L2 flushed between runs).
+- Peak memory: see :mod:`benchmarks.memory`, from the end of the warm-up; on CUDA over
+  one run of its own, so that do_bench's L2-flush buffer is not counted.
 """
 
 from __future__ import annotations
@@ -57,19 +59,8 @@ def make_step(fn: Callable, z0: torch.Tensor, z1: torch.Tensor, mode: str, losse
     return forward_backward
 
 
-def stopwatch(device: torch.device) -> Callable[[Callable], float]:
-    """Seconds one call takes: wall clock on CPU, CUDA events around it on a GPU."""
-    if device.type == "cuda":
-
-        def timed_cuda(step: Callable) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-
-        return timed_cuda
+def stopwatch() -> Callable[[Callable], float]:
+    """Seconds one call takes, by the wall clock (CPU)."""
 
     def timed_cpu(step: Callable) -> float:
         start = time.perf_counter()
@@ -77,6 +68,13 @@ def stopwatch(device: torch.device) -> Callable[[Callable], float]:
         return time.perf_counter() - start
 
     return timed_cpu
+
+
+def cuda_samples(step: Callable[[], None]) -> List[float]:
+    """(median, min) seconds of ``step`` by ``triton.testing.do_bench``."""
+    from triton.testing import do_bench
+
+    return [ms / 1e3 for ms in do_bench(step, quantiles=[0.5, 0.0])]
 
 
 def repeat_runs(timed: Callable[[], float], limits: Limits) -> List[float]:
@@ -103,16 +101,23 @@ def measure(case: Case, limits: Limits, device: torch.device) -> Dict:
     else:
         make_step(fn, *make_views(case, min(case.n, WARMUP_N), device, seed=1), case.mode, [])()
 
-    timed = stopwatch(device)
     memory = PeakMemory(device)
     memory.start()
-    samples = repeat_runs(lambda: timed(step), limits)
-    peak = memory.peak()
+    if device.type == "cuda":
+        step()
+        peak = memory.peak()
+        median_s, min_s = cuda_samples(step)
+        runs = None  # chosen by do_bench
+    else:
+        timed = stopwatch()
+        samples = repeat_runs(lambda: timed(step), limits)
+        peak = memory.peak()
+        median_s, min_s, runs = statistics.median(samples), min(samples), len(samples)
     return {
         "status": "ok",
-        "median_s": statistics.median(samples),
-        "min_s": min(samples),
-        "runs": len(samples),
+        "median_s": median_s,
+        "min_s": min_s,
+        "runs": runs,
         "peak_bytes": peak,
         "loss": float(losses[-1].float()),
         "note": "" if memory.method in ("VmHWM", "torch.cuda.max_memory_allocated") else f"peak by {memory.method}",

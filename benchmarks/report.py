@@ -159,7 +159,7 @@ def markdown(rows: Sequence[Row], env: Dict[str, str], command: str, headline_n:
         f"Python {env['python']}, {env['os']}; host: {env['host']}.",
         "",
         "Each cell is one fresh subprocess: median of several runs after a warm-up (CPU: wall clock; "
-        "GPU: CUDA events), achieved GFLOP/s by MATH.md section 7 (forward 2·M·C·D, forward + backward "
+        "GPU: `triton.testing.do_bench`), achieved GFLOP/s by MATH.md section 7 (forward 2·M·C·D, forward + backward "
         "8·M·C·D), peak memory above the process's baseline after imports, inputs and warm-up (CPU: peak "
         "RSS; GPU: `max_memory_allocated`). OOM: over the memory budget; timeout: over the time cap "
         "(see the CSV's note column for what was projected rather than run).",
