@@ -14,11 +14,11 @@ def test_cpu_preset_covers_512_to_65536_and_the_headline_size():
     keys = _keys(preset)
     for backend in FUSED:
         assert {(backend, "fwd_bwd", n) for n in (512, 8192, 32768)} <= keys
-        assert (backend, "fwd", 65536) in keys
+    assert ("cpp", "fwd", 65536) in keys  # the fused kernel; the torch fallback's takes minutes there
     for baseline in (LIGHTLY, REFERENCE, COMPILED_REFERENCE):
         assert (baseline, "fwd_bwd", 8192) in keys
     assert preset.limits.headline_n == 8192 and all(c.d == 128 and c.dtype == "float32" for c in preset.cases)
-    assert [(c.backend, c.n) for c in preset.cases[-2:]] == [("torch", 32768), ("torch", 65536)]  # cut first
+    assert (preset.cases[-1].backend, preset.cases[-1].n) == ("torch", 32768)  # cut first
 
 
 def test_every_series_runs_by_increasing_n():
