@@ -125,6 +125,27 @@ def _zero_gradient_scale(z0, z1, negatives, kwargs) -> float:
     return 1.5 * per_anchor / (stats.temperature.item() * smallest)
 
 
+def assert_compiled_matches_eager(
+    backend: str, layout: str, *, compiler: str, device: str = "cpu", n: int = 24, d: int = 8, tol: float = 1e-5
+) -> None:
+    """``torch.compile(fullgraph=True)`` of a model's forward with the loss in it: same loss and gradients as eager."""
+    z0, z1, bank = make_views(n, d, seed=1, device=device, bank_rows=5)
+    bank = bank if layout == "queue" else None
+    encoder = torch.nn.Linear(d, d).to(device)
+
+    def forward(a, b):
+        return mk.macl_loss(encoder(a), encoder(b), negatives=bank, layout=layout, backend=backend)
+
+    eager_loss = forward(z0, z1)
+    eager_loss.backward()
+    eager_grad = encoder.weight.grad.clone()
+    encoder.weight.grad = None
+    compiled_loss = torch.compile(forward, fullgraph=True, backend=compiler)(z0, z1)
+    compiled_loss.backward()
+    assert_rel_close(compiled_loss.detach(), eager_loss.detach(), tol, f"{backend} compiled loss")
+    assert_rel_close(encoder.weight.grad, eager_grad, tol, f"{backend} compiled encoder gradient")
+
+
 def fused_backends(device: str = "cpu") -> List[str]:
     """Every fused backend that can run on ``device`` here: all answer to the same tests."""
     return [b for b in mk.available_backends(device) if b != "reference"]

@@ -11,8 +11,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import macl_kernels as mk
+from macl_kernels._fused import layout_exclusions
+from macl_kernels.backends import resolve
 from python_tests.helpers import (
     DTYPES,
     TOLERANCE,
@@ -128,6 +131,23 @@ def test_gradcheck_float64(backend, layout):
         return mk.macl_loss(a, b, negatives=bank, layout=layout, alpha=0.0, reweight=False, backend=backend)
 
     assert torch.autograd.gradcheck(f, (z0, z1))
+
+
+@pytest.mark.parametrize("with_candidates", [True, False])
+def test_negative_lse_op_gradcheck(backend, with_candidates):
+    """The backend contract's op on its own, with exclusion tables that no layout makes."""
+    impl = resolve(backend, torch.device(DEVICE))
+    g = torch.Generator().manual_seed(10)
+    unit = lambda rows: F.normalize(torch.randn(rows, 3, generator=g, dtype=torch.float64), dim=1).to(DEVICE)  # noqa: E731
+    x = unit(6).requires_grad_(True)
+    tau = torch.tensor(0.3, dtype=torch.float64, device=DEVICE)
+    if with_candidates:  # six anchors, five candidates; the last row excludes only its second slot
+        y = unit(5).requires_grad_(True)
+        excluded = torch.cat([layout_exclusions("cross", 5, DEVICE), torch.tensor([[-1, 2]], device=DEVICE)])
+        assert torch.autograd.gradcheck(lambda a, b: impl.negative_lse(a, b, excluded.int(), tau), (x, y))
+    else:
+        excluded = layout_exclusions("ntxent", 3, DEVICE)
+        assert torch.autograd.gradcheck(lambda a: impl.negative_lse(a, None, excluded, tau), (x,))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -3,7 +3,7 @@
 Here: that it is built and picked by ``auto``, block edges of its tiles and of its
 symmetric schedule, the op against the chunked torch backend on arbitrary excluded
 tables, every compiled instruction-set variant, determinism across thread counts,
-opcheck, torch.compile tracing, the memory bound, and the error without the extension.
+opcheck, the memory bound, and the error without the extension.
 """
 
 import os
@@ -15,7 +15,6 @@ import torch
 
 import macl_kernels as mk
 from macl_kernels import _ops, backends
-from macl_kernels._fused import layout_exclusions
 from macl_kernels.backends.torch_chunked import TorchBackend
 from python_tests.backends.test_torch_chunked import peak_rss_mb
 from python_tests.helpers import assert_matches_reference, assert_rel_close, bitwise_equal, loss_and_grads, make_views
@@ -82,53 +81,6 @@ def test_op_matches_torch_backend_on_any_exclusions(with_candidates):
         results.append([lse.detach(), xs.grad] + ([] if ys is None else [ys.grad]))
     for name, got, expected in zip(("lse", "dx", "dy"), *results):
         assert_rel_close(got, expected, 1e-12, name)
-
-
-@pytest.mark.parametrize("with_candidates", [True, False])
-def test_op_gradcheck(with_candidates):
-    g = torch.Generator().manual_seed(2)
-    x = torch.nn.functional.normalize(torch.randn(6, 3, generator=g, dtype=torch.float64), dim=1)
-    y = torch.nn.functional.normalize(torch.randn(5, 3, generator=g, dtype=torch.float64), dim=1)
-    x.requires_grad_(True)
-    y.requires_grad_(True)
-    tau = torch.tensor(0.3, dtype=torch.float64)
-    if with_candidates:
-        excluded = torch.cat([layout_exclusions("cross", 5, CPU), layout_exclusions("cross", 1, CPU)])
-        assert torch.autograd.gradcheck(lambda a, b: _ops.negative_lse(a, b, excluded, tau), (x, y))
-    else:
-        excluded = layout_exclusions("ntxent", 3, CPU)
-        assert torch.autograd.gradcheck(lambda a: _ops.negative_lse(a, None, excluded, tau), (x,))
-
-
-def op_samples():
-    g = torch.Generator().manual_seed(6)
-    x = torch.nn.functional.normalize(torch.randn(10, 4, generator=g), dim=1)
-    y = torch.nn.functional.normalize(torch.randn(7, 4, generator=g), dim=1)
-    tau = torch.tensor(0.25)
-    yield (x.clone().requires_grad_(True), None, layout_exclusions("ntxent", 5, CPU), tau)
-    yield (x.clone().requires_grad_(True), y.clone().requires_grad_(True), random_exclusions(10, 7, 7), tau)
-    yield (x.double(), y.double(), random_exclusions(10, 7, 8), tau.double())
-
-
-@pytest.mark.parametrize("sample", list(range(3)))
-def test_opcheck(sample):
-    args = list(op_samples())[sample]
-    torch.library.opcheck(torch.ops.macl_kernels.negative_lse.default, args)
-    x, y, excluded, tau = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
-    backward_args = (torch.rand_like(lse), x, y, excluded, tau, lse, y is not None)
-    torch.library.opcheck(torch.ops.macl_kernels.negative_lse_backward.default, backward_args)
-
-
-def test_torch_compile_traces_through_the_op():
-    z0, z1, _ = make_views(24, 8, seed=9)
-    eager = loss_and_grads(z0, z1, backend="cpp")
-    compiled_loss = torch.compile(lambda a, b: mk.macl_loss(a, b, backend="cpp"), backend="aot_eager", fullgraph=True)
-    a, b = z0.clone().requires_grad_(True), z1.clone().requires_grad_(True)
-    loss = compiled_loss(a, b)
-    loss.backward()
-    assert_rel_close(loss.detach(), eager[0], 1e-6, "compiled loss")
-    assert_rel_close(a.grad, eager[1][0], 1e-6, "compiled dz0")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

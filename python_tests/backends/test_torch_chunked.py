@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import macl_kernels as mk
-from macl_kernels._fused import layout_exclusions
 from macl_kernels.backends import torch_chunked
 from python_tests.helpers import assert_matches_reference, make_views
 
@@ -22,24 +21,6 @@ def test_many_small_blocks_match_reference(monkeypatch, block_elements, layout):
     monkeypatch.setattr(torch_chunked, "BLOCK_ELEMENTS", block_elements)
     z0, z1, bank = make_views(13, 5, torch.float64, seed=1, bank_rows=6)
     assert_matches_reference("torch", z0, z1, bank if layout == "queue" else None, layout=layout, reduction="none")
-
-
-@pytest.mark.parametrize("with_candidates", [True, False])
-def test_negative_lse_gradcheck(with_candidates):
-    g = torch.Generator().manual_seed(2)
-    x = torch.nn.functional.normalize(torch.randn(6, 3, generator=g, dtype=torch.float64), dim=1)
-    y = torch.nn.functional.normalize(torch.randn(5, 3, generator=g, dtype=torch.float64), dim=1)
-    x.requires_grad_(True)
-    y.requires_grad_(True)
-    tau = torch.tensor(0.3, dtype=torch.float64)
-    backend = torch_chunked.TorchBackend()
-    if with_candidates:
-        excluded = layout_exclusions("cross", 5, "cpu")
-        excluded = torch.cat([excluded, excluded[:1]])  # six anchors, five candidates
-        assert torch.autograd.gradcheck(lambda a, b: backend.negative_lse(a, b, excluded, tau), (x, y))
-    else:
-        excluded = layout_exclusions("ntxent", 3, "cpu")
-        assert torch.autograd.gradcheck(lambda a: backend.negative_lse(a, None, excluded, tau), (x,))
 
 
 def test_bank_gets_no_gradient():

@@ -1,9 +1,8 @@
 """The Triton backend's own tests, in Triton's interpreter on the CPU (the conformance suite covers the loss).
 
 Here: availability, block edges and chunked embeddings (tiny tiles forced), the
-ops on their own (gradcheck, opcheck of schema/fake/autograd), the TF32 switch
-and torch.compile(fullgraph=True) tracing. GPU-only checks live in
-test_triton_gpu.py.
+ops on their own (gradcheck, opcheck of schema/fake/autograd) and the TF32 switch.
+torch.compile tracing is in test_compile.py, GPU-only checks in test_triton_gpu.py.
 """
 
 import os
@@ -107,21 +106,6 @@ def _unit_rows(rows, d, seed, dtype=torch.float64):
     return torch.nn.functional.normalize(torch.randn(rows, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
 
 
-@needs_interpreter
-@pytest.mark.parametrize("with_candidates", [True, False])
-def test_negative_lse_gradcheck(with_candidates):
-    x = _unit_rows(6, 3, 1).requires_grad_(True)
-    tau = torch.tensor(0.3, dtype=torch.float64)
-    if with_candidates:
-        y = _unit_rows(5, 3, 2).requires_grad_(True)
-        excluded = torch.cat([layout_exclusions("cross", 5, "cpu"), torch.tensor([[-1, 2]], dtype=torch.int32)])
-        assert torch.autograd.gradcheck(lambda a, b: ops.negative_lse(a, b, excluded, tau, False), (x, y))
-    else:
-        excluded = layout_exclusions("ntxent", 3, "cpu")
-        assert torch.autograd.gradcheck(lambda a: ops.negative_lse(a, None, excluded, tau, False), (x,))
-
-
-@needs_interpreter
 def test_normalize_gradcheck_with_missing_gradients():
     g = torch.Generator().manual_seed(5)
     z0 = torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -240,24 +224,3 @@ def test_fp32_dots_follow_the_tf32_setting():
     finally:
         matmul.fp32_precision = before
     assert backend_module.fp32_dots_use_tf32() is bool(matmul.allow_tf32)
-
-
-@needs_interpreter
-@pytest.mark.parametrize("layout", ["ntxent", "queue"])
-def test_compiled_step_matches_eager(layout):
-    # fullgraph=True through dynamo and AOT autograd (aot_eager: inductor itself is exercised on the GPU).
-    z0, z1, bank = make_views(12, 8, seed=1, bank_rows=5)
-    bank = bank if layout == "queue" else None
-    encoder = torch.nn.Linear(8, 8)
-
-    def forward_pass(a, b):
-        return mk.macl_loss(encoder(a), encoder(b), negatives=bank, layout=layout, backend="triton")
-
-    eager_loss = forward_pass(z0, z1)
-    eager_loss.backward()
-    eager_grad = encoder.weight.grad.clone()
-    encoder.weight.grad = None
-    compiled_loss = torch.compile(forward_pass, fullgraph=True, backend="aot_eager")(z0, z1)
-    compiled_loss.backward()
-    assert_rel_close(compiled_loss.detach(), eager_loss.detach(), 1e-6, "loss")
-    assert_rel_close(encoder.weight.grad, eager_grad, 1e-6, "encoder gradient")

@@ -10,7 +10,13 @@ import torch
 
 import macl_kernels as mk
 from macl_kernels._fused import layout_exclusions
-from python_tests.helpers import assert_matches_reference, assert_rel_close, bitwise_equal, loss_and_grads, make_views
+from python_tests.helpers import (
+    assert_compiled_matches_eager,
+    assert_matches_reference,
+    bitwise_equal,
+    loss_and_grads,
+    make_views,
+)
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
@@ -85,21 +91,7 @@ def test_training_step_captures_in_a_cuda_graph():
 
 @pytest.mark.parametrize("layout", ["ntxent", "queue"])
 def test_inductor_compiled_step_matches_eager(layout):
-    z0, z1, bank = make_views(256, 64, seed=5, device=DEVICE, bank_rows=300)
-    bank = bank if layout == "queue" else None
-    encoder = torch.nn.Linear(64, 64).to(DEVICE)
-
-    def forward(a, b):
-        return mk.macl_loss(encoder(a), encoder(b), negatives=bank, layout=layout, backend="triton")
-
-    eager_loss = forward(z0, z1)
-    eager_loss.backward()
-    eager_grad = encoder.weight.grad.clone()
-    encoder.weight.grad = None
-    compiled_loss = torch.compile(forward, fullgraph=True)(z0, z1)
-    compiled_loss.backward()
-    assert_rel_close(compiled_loss.detach(), eager_loss.detach(), 1e-5, "loss")
-    assert_rel_close(encoder.weight.grad, eager_grad, 1e-5, "encoder gradient")
+    assert_compiled_matches_eager("triton", layout, compiler="inductor", device=DEVICE, n=256, d=64)
 
 
 def test_opcheck_of_the_triton_ops():
