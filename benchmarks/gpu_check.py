@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from python_tests.helpers import (
+from macl_kernels.testing import (
     TOLERANCE,
     bitwise_equal,
     fused_backends,

@@ -83,7 +83,7 @@ else
 fi
 
 MACL_TEST_DEVICE=$DEVICE step conformance "${CAPS[1]}" \
-    "$PY" -m pytest python_tests/test_conformance.py -q -p no:cacheprovider "${CONFORMANCE_ARGS[@]}"
+    "$PY" -m pytest python_tests/conformance -q -p no:cacheprovider "${CONFORMANCE_ARGS[@]}"
 step gpu_tests "${CAPS[2]}" "$PY" -m pytest -m gpu python_tests -q -p no:cacheprovider
 step gpu_check "${CAPS[3]}" "$PY" -m benchmarks.gpu_check --device "$DEVICE" --preset "$PRESET" --out "$OUT" \
     --budget-s $((CAPS[3] - 40 > 10 ? CAPS[3] - 40 : 10))

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import macl_kernels as mk
-from python_tests.helpers import make_views, upstream_for
+from macl_kernels.testing import make_views, upstream_for
 
 PAIRS_PER_RANK = 3
 DIM = 5

@@ -18,10 +18,9 @@ from macl_kernels import distributed
 from macl_kernels._config import MACLConfig
 from macl_kernels._fused import fused_macl_loss
 from macl_kernels.backends import resolve
+from macl_kernels.testing import LAYOUTS, TOLERANCE, assert_rel_close, fused_backends, loss_and_grads, make_views
 from python_tests.distributed_worker import PAIRS_PER_RANK, global_batch, loss_options, own_rows, spawn_group
-from python_tests.helpers import TOLERANCE, assert_rel_close, fused_backends, loss_and_grads, make_views
 
-LAYOUTS = ("ntxent", "cross", "cross_sym", "queue")
 WORLD_SIZES = (2, 3)
 
 

@@ -16,11 +16,17 @@ import torch
 import macl_kernels as mk
 from macl_kernels import _ops, backends
 from macl_kernels.backends.torch_chunked import TorchBackend
-from python_tests.backends.test_torch_chunked import peak_rss_mb
-from python_tests.helpers import assert_matches_reference, assert_rel_close, bitwise_equal, loss_and_grads, make_views
+from macl_kernels.testing import (
+    LAYOUTS,
+    assert_matches_reference,
+    assert_rel_close,
+    bitwise_equal,
+    loss_and_grads,
+    make_views,
+    peak_rss_mb,
+)
 
 BLOCK = 256  # kBlock of csrc/cpu/negative_lse_cpu.cpp
-LAYOUTS = ("ntxent", "cross", "cross_sym", "queue")
 CPU = torch.device("cpu")
 
 
@@ -103,7 +109,7 @@ def test_same_bits_for_any_number_of_threads(layout):
 
 VARIANT_SCRIPT = """
 import sys, torch
-from python_tests.helpers import assert_matches_reference, make_views
+from macl_kernels.testing import assert_matches_reference, make_views
 assert torch.backends.cpu.get_cpu_capability() == sys.argv[1], torch.backends.cpu.get_cpu_capability()
 for layout in ("ntxent", "cross_sym"):
     for dtype in (torch.float32, torch.float64):

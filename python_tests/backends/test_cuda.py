@@ -12,10 +12,16 @@ import torch
 import macl_kernels as mk
 from macl_kernels import _ops
 from macl_kernels._fused import layout_exclusions
-from python_tests.helpers import assert_matches_reference, assert_rel_close, bitwise_equal, loss_and_grads, make_views
+from macl_kernels.testing import (
+    LAYOUTS,
+    assert_matches_reference,
+    assert_rel_close,
+    bitwise_equal,
+    loss_and_grads,
+    make_views,
+)
 
 pytestmark = pytest.mark.gpu
-LAYOUTS = ("ntxent", "cross", "cross_sym", "queue")
 
 
 def views(n, d, dtype=torch.float32, seed=0, layout="ntxent", bank_rows=37):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import macl_kernels as mk
 from benchmarks.baselines import load_lightly_macl
-from python_tests.helpers import assert_rel_close, loss_and_grads, make_views
+from macl_kernels.testing import assert_rel_close, loss_and_grads, make_views
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,11 @@
 """The chunked PyTorch backend: block edges, its op on its own, and its memory bound."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import macl_kernels as mk
 from macl_kernels.backends import torch_chunked
-from python_tests.helpers import assert_matches_reference, make_views
-
-LAYOUTS = ("ntxent", "cross", "cross_sym", "queue")
+from macl_kernels.testing import LAYOUTS, assert_matches_reference, make_views, peak_rss_mb
 
 
 @pytest.mark.parametrize("block_elements", [1, 7, 64])
@@ -29,24 +23,6 @@ def test_bank_gets_no_gradient():
     bank.requires_grad_(True)
     mk.macl_loss(z0, z1, layout="queue", negatives=bank, backend="torch").backward()
     assert z0.grad is not None and bank.grad is None
-
-
-MEMORY_SCRIPT = """
-import json, resource, sys, torch, macl_kernels as mk
-n, d, backend = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-torch.manual_seed(0)
-z0 = torch.randn(n, d, requires_grad=True)
-z1 = torch.randn(n, d, requires_grad=True)
-mk.macl_loss(z0, z1, backend=backend).backward()
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
-
-
-def peak_rss_mb(n: int, d: int, backend: str) -> float:
-    out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(n), str(d), backend], check=True, capture_output=True, text=True
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
 def test_memory_bound_at_16k_pairs():

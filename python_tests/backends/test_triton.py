@@ -17,11 +17,10 @@ from macl_kernels.backends import torch_chunked
 from macl_kernels.backends import triton as triton_backend
 from macl_kernels.backends.triton import backend as backend_module
 from macl_kernels.backends.triton import backward, configs, forward, ops, prologue
-from python_tests.helpers import assert_matches_reference, assert_rel_close, make_views
+from macl_kernels.testing import LAYOUTS, assert_matches_reference, assert_rel_close, make_views
 
 INTERPRETED = configs.INTERPRET and not torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs Triton's interpreter on CPU tensors")
-LAYOUTS = ("ntxent", "cross", "cross_sym", "queue")
 
 
 def test_available_wherever_the_interpreter_is_on():

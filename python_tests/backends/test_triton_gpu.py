@@ -10,7 +10,7 @@ import torch
 
 import macl_kernels as mk
 from macl_kernels._fused import layout_exclusions
-from python_tests.helpers import (
+from macl_kernels.testing import (
     assert_compiled_matches_eager,
     assert_matches_reference,
     bitwise_equal,

@@ -8,11 +8,11 @@ inductor with the Triton kernels is exercised on the GPU (test_triton_gpu.py).
 
 import pytest
 
-from python_tests.helpers import assert_compiled_matches_eager, fused_backends
+from macl_kernels.testing import assert_compiled_matches_eager
+from python_tests.conformance.conftest import DEVICE
 
 
-@pytest.mark.parametrize("backend", fused_backends("cpu"))
 @pytest.mark.parametrize("layout", ["ntxent", "queue"])
 def test_compiled_forward_matches_eager(backend, layout):
     compiler = "inductor" if backend == "torch" else "aot_eager"
-    assert_compiled_matches_eager(backend, layout, compiler=compiler)
+    assert_compiled_matches_eager(backend, layout, compiler=compiler, device=DEVICE)

@@ -1,13 +1,6 @@
-"""Every fused backend answers to the same tests: the float64 reference, MATH.md section 6.
-
-The backends are those that can run on the CPU here (Triton under its
-interpreter); ``benchmarks/gpu_check.sh`` runs this file on a GPU as well, where
-``MACL_TEST_DEVICE=cuda`` moves every case onto the device. Sizes stay small so
-that interpreted kernels finish in seconds.
-"""
+"""Every fused backend against the float64 dense reference: settings, shapes, dtypes, edge cases (MATH.md section 6)."""
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -16,31 +9,16 @@ import torch.nn.functional as F
 import macl_kernels as mk
 from macl_kernels._fused import layout_exclusions
 from macl_kernels.backends import resolve
-from python_tests.helpers import (
+from macl_kernels.testing import (
     DTYPES,
+    LAYOUTS,
     TOLERANCE,
     assert_matches_reference,
     bitwise_equal,
-    fused_backends,
     loss_and_grads,
-    make_views,
     stats_dict,
 )
-
-DEVICE = os.environ.get("MACL_TEST_DEVICE", "cpu")
-BACKENDS = fused_backends(DEVICE)
-LAYOUTS = ("ntxent", "cross", "cross_sym", "queue")
-BANK_ROWS = 11  # queue layout: an odd number of bank rows
-
-
-def views(n, d, dtype=torch.float32, seed=0, layout="ntxent", **kw):
-    z0, z1, bank = make_views(n, d, dtype, seed=seed, device=DEVICE, bank_rows=BANK_ROWS, **kw)
-    return z0, z1, (bank if layout == "queue" else None)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return request.param
+from python_tests.conformance.conftest import DEVICE, views
 
 
 @pytest.mark.parametrize(

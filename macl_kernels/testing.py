@@ -1,12 +1,39 @@
-"""Shared test helpers: inputs, one comparison against the float64 reference, tolerances."""
+"""What the tests and the benchmarks share: inputs, the float64 oracle, error measures, tolerances.
+
+Public (as flash-attention's testing module), so that the benchmarks and users who
+check their own setup import it instead of the test suite. Only the reference
+backend is trusted here: every other backend is what gets checked.
+"""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import macl_kernels as mk
+from macl_kernels._config import LAYOUTS
+
+__all__ = [
+    "DTYPES",
+    "LAYOUTS",
+    "TOLERANCE",
+    "assert_compiled_matches_eager",
+    "assert_matches_reference",
+    "assert_rel_close",
+    "bitwise_equal",
+    "fused_backends",
+    "loss_and_grads",
+    "make_views",
+    "peak_rss_mb",
+    "reference_float64",
+    "relative_error",
+    "stats_dict",
+    "upstream_for",
+]
 
 # MATH.md section 6: relative error against a float64 reference.
 TOLERANCE = {
@@ -157,3 +184,22 @@ def bitwise_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
 
 def stats_dict(stats: mk.MACLStats) -> Dict[str, float]:
     return {k: float(v) for k, v in stats._asdict().items()}
+
+
+_PEAK_RSS_SCRIPT = """
+import json, resource, sys, torch, macl_kernels as mk
+n, d, backend = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.manual_seed(0)
+z0 = torch.randn(n, d, requires_grad=True)
+z1 = torch.randn(n, d, requires_grad=True)
+mk.macl_loss(z0, z1, backend=backend).backward()
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def peak_rss_mb(n: int, d: int, backend: str) -> float:
+    """Peak RSS (MiB) of a fresh process that runs one fp32 forward + backward of N pairs on the CPU."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(n), str(d), backend], check=True, capture_output=True, text=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
