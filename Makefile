@@ -13,7 +13,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 INSTALL_STAMP := $(VENV)/.install-stamp
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install spill-check test bench demo bench-regress checkstyle clean
+.PHONY: install spill-check codegen test bench demo bench-regress checkstyle clean
 
 $(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,13 @@ install: $(INSTALL_STAMP)
 spill-check: install
 	$(PY) tools/check_spills.py --arch 90 --log build/ptxas-sm_90.log
 
-test: install spill-check
+# The Triton kernels (and the extension's) compiled for sm_90 without a GPU: a fast subset of
+# benchmarks/codegen.py must show no spills and shared memory within the block limit.
+# Compiled kernels are cached in build/codegen-cache.
+codegen: install
+	$(PY) -m benchmarks.codegen --arch 90 --subset check --check --out build/codegen
+
+test: install spill-check codegen
 	$(PY) -m pytest
 
 # BENCH_ARGS: e.g. "--out benchmarks/results" for the committed copy, "--sizes 8192" for one size.

@@ -22,7 +22,7 @@ import triton.language as tl
 from ..._math import accumulation_dtype
 from .configs import FIXED_CONFIGS, SIZES, TUNED_CONFIGS, TUNING_KEY, autotuned, block_d, size_class
 from .helpers import dot_acc, excluded_columns, load_tile, rounded, similarity_tile, store_tile
-from .launch import dot_flags, launcher
+from .launch import Launch, dot_flags
 
 
 @triton.jit(do_not_specialize=SIZES)
@@ -188,6 +188,51 @@ columns_tuned = triton.autotune(configs=TUNED_CONFIGS, key=TUNING_KEY)(columns_k
 columns_fixed = triton.autotune(configs=FIXED_CONFIGS, key=[])(columns_kernel)
 
 
+def rows_launch(
+    x: torch.Tensor,
+    y: Optional[torch.Tensor],
+    excluded: torch.Tensor,
+    tau: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
+    tf32: bool,
+    partial: bool,
+) -> Launch:
+    cand = x if y is None else y
+    m, d = x.shape
+    c = cand.shape[0]
+    acc = accumulation_dtype(x.dtype)
+    out = torch.empty((m, d), dtype=acc if partial else x.dtype, device=x.device)
+    chunk = block_d(d, x.element_size())
+    args = dict(
+        x_ptr=x,
+        y_ptr=cand,
+        excluded_ptr=excluded,
+        tau_ptr=tau,
+        lse_ptr=lse,
+        grad_ptr=grad_lse.to(acc).contiguous(),
+        out_ptr=out,
+        M=m,
+        C=c,
+        D=d,
+        stride_xm=x.stride(0),
+        stride_xd=x.stride(1),
+        stride_yc=cand.stride(0),
+        stride_yd=cand.stride(1),
+        stride_em=excluded.stride(0),
+        stride_ek=excluded.stride(1),
+        stride_om=out.stride(0),
+        stride_od=out.stride(1),
+        ROWS_CLASS=size_class(m),
+        COLS_CLASS=size_class(c),
+        BLOCK_D=chunk,
+        SINGLE_CHUNK=d <= chunk,
+        **dot_flags(x.dtype, tf32),
+    )
+    kernel = rows_tuned if autotuned(m, c, x.dtype, tf32) else rows_fixed
+    return Launch(kernel, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"])), args, out)
+
+
 def backward_rows(
     x: torch.Tensor,
     y: Optional[torch.Tensor],
@@ -199,39 +244,62 @@ def backward_rows(
     partial: bool,
 ) -> torch.Tensor:
     """``E y`` (``E x`` when ``y`` is None): in x's dtype, or the accumulation dtype for a ``partial``."""
+    return rows_launch(x, y, excluded, tau, lse, grad_lse, tf32, partial).run()
+
+
+def columns_launch(
+    x: torch.Tensor,
+    y: Optional[torch.Tensor],
+    excluded: torch.Tensor,
+    tau: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
+    tf32: bool,
+    rows_partial: Optional[torch.Tensor],
+) -> Launch:
     cand = x if y is None else y
     m, d = x.shape
     c = cand.shape[0]
     acc = accumulation_dtype(x.dtype)
-    out = torch.empty((m, d), dtype=acc if partial else x.dtype, device=x.device)
+    coef = grad_lse.to(acc) / tau.to(acc)
+    # Factor out the largest |h / tau| so the per-row weights fed to a half-precision dot lie in [-1, 1].
+    scale = coef.abs().amax()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    out = torch.empty((c, d), dtype=cand.dtype, device=x.device)
+    partial = lse if rows_partial is None else rows_partial  # an unused pointer when there is no partial
     chunk = block_d(d, x.element_size())
-    kernel = rows_tuned if autotuned(m, c, x.dtype, tf32) else rows_fixed
-    launcher(kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))](
-        x,
-        cand,
-        excluded,
-        tau,
-        lse,
-        grad_lse.to(acc).contiguous(),
-        out,
-        m,
-        c,
-        d,
-        x.stride(0),
-        x.stride(1),
-        cand.stride(0),
-        cand.stride(1),
-        excluded.stride(0),
-        excluded.stride(1),
-        out.stride(0),
-        out.stride(1),
-        size_class(m),
-        size_class(c),
+    args = dict(
+        x_ptr=x,
+        y_ptr=cand,
+        excluded_ptr=excluded,
+        tau_ptr=tau,
+        lse_ptr=lse,
+        weight_ptr=(coef / scale).contiguous(),
+        weight_scale_ptr=scale,
+        partial_ptr=partial,
+        out_ptr=out,
+        M=m,
+        C=c,
+        D=d,
+        stride_xm=x.stride(0),
+        stride_xd=x.stride(1),
+        stride_yc=cand.stride(0),
+        stride_yd=cand.stride(1),
+        stride_em=excluded.stride(0),
+        stride_ek=excluded.stride(1),
+        stride_pc=0 if rows_partial is None else rows_partial.stride(0),
+        stride_pd=0 if rows_partial is None else rows_partial.stride(1),
+        stride_oc=out.stride(0),
+        stride_od=out.stride(1),
+        ROWS_CLASS=size_class(m),
+        COLS_CLASS=size_class(c),
         BLOCK_D=chunk,
         SINGLE_CHUNK=d <= chunk,
+        HAS_PARTIAL=rows_partial is not None,
         **dot_flags(x.dtype, tf32),
     )
-    return out
+    kernel = columns_tuned if autotuned(m, c, x.dtype, tf32) else columns_fixed
+    return Launch(kernel, lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"])), args, out)
 
 
 def backward_columns(
@@ -245,47 +313,4 @@ def backward_columns(
     rows_partial: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """``E^T x`` in the candidates' dtype, plus ``rows_partial`` (the row pass's ``E x``) when given."""
-    cand = x if y is None else y
-    m, d = x.shape
-    c = cand.shape[0]
-    acc = accumulation_dtype(x.dtype)
-    coef = grad_lse.to(acc) / tau.to(acc)
-    # Factor out the largest |h / tau| so the per-row weights fed to a half-precision dot lie in [-1, 1].
-    scale = coef.abs().amax()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    weight = (coef / scale).contiguous()
-    out = torch.empty((c, d), dtype=cand.dtype, device=x.device)
-    partial = lse if rows_partial is None else rows_partial  # an unused pointer when there is no partial
-    chunk = block_d(d, x.element_size())
-    kernel = columns_tuned if autotuned(m, c, x.dtype, tf32) else columns_fixed
-    launcher(kernel)[lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]))](
-        x,
-        cand,
-        excluded,
-        tau,
-        lse,
-        weight,
-        scale,
-        partial,
-        out,
-        m,
-        c,
-        d,
-        x.stride(0),
-        x.stride(1),
-        cand.stride(0),
-        cand.stride(1),
-        excluded.stride(0),
-        excluded.stride(1),
-        0 if rows_partial is None else rows_partial.stride(0),
-        0 if rows_partial is None else rows_partial.stride(1),
-        out.stride(0),
-        out.stride(1),
-        size_class(m),
-        size_class(c),
-        BLOCK_D=chunk,
-        SINGLE_CHUNK=d <= chunk,
-        HAS_PARTIAL=rows_partial is not None,
-        **dot_flags(x.dtype, tf32),
-    )
-    return out
+    return columns_launch(x, y, excluded, tau, lse, grad_lse, tf32, rows_partial).run()

@@ -17,7 +17,7 @@ import triton.language as tl
 from ..._math import accumulation_dtype
 from .configs import FIXED_CONFIGS, SIZES, TUNED_CONFIGS, TUNING_KEY, autotuned, block_d, size_class
 from .helpers import dot_acc, excluded_columns, load_tile, similarity_tile
-from .launch import dot_flags, launcher
+from .launch import Launch, dot_flags
 
 
 @triton.jit(do_not_specialize=SIZES)
@@ -95,35 +95,41 @@ negative_lse_tuned = triton.autotune(configs=TUNED_CONFIGS, key=TUNING_KEY)(nega
 negative_lse_fixed = triton.autotune(configs=FIXED_CONFIGS, key=[])(negative_lse_kernel)
 
 
-def negative_lse_forward(
+def forward_launch(
     x: torch.Tensor, y: Optional[torch.Tensor], excluded: torch.Tensor, tau: torch.Tensor, tf32: bool
-) -> torch.Tensor:
-    """lse (M,) in the accumulation dtype; ``y=None`` means the anchors are their own candidates."""
+) -> Launch:
     cand = x if y is None else y
     m, d = x.shape
     c = cand.shape[0]
     lse = torch.empty(m, dtype=accumulation_dtype(x.dtype), device=x.device)
     chunk = block_d(d, x.element_size())
-    kernel = negative_lse_tuned if autotuned(m, c, x.dtype, tf32) else negative_lse_fixed
-    launcher(kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
-        x,
-        cand,
-        excluded,
-        tau,
-        lse,
-        m,
-        c,
-        d,
-        x.stride(0),
-        x.stride(1),
-        cand.stride(0),
-        cand.stride(1),
-        excluded.stride(0),
-        excluded.stride(1),
-        size_class(m),
-        size_class(c),
+    args = dict(
+        x_ptr=x,
+        y_ptr=cand,
+        excluded_ptr=excluded,
+        tau_ptr=tau,
+        lse_ptr=lse,
+        M=m,
+        C=c,
+        D=d,
+        stride_xm=x.stride(0),
+        stride_xd=x.stride(1),
+        stride_yc=cand.stride(0),
+        stride_yd=cand.stride(1),
+        stride_em=excluded.stride(0),
+        stride_ek=excluded.stride(1),
+        ROWS_CLASS=size_class(m),
+        COLS_CLASS=size_class(c),
         BLOCK_D=chunk,
         SINGLE_CHUNK=d <= chunk,
         **dot_flags(x.dtype, tf32),
     )
-    return lse
+    kernel = negative_lse_tuned if autotuned(m, c, x.dtype, tf32) else negative_lse_fixed
+    return Launch(kernel, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),), args, lse)
+
+
+def negative_lse_forward(
+    x: torch.Tensor, y: Optional[torch.Tensor], excluded: torch.Tensor, tau: torch.Tensor, tf32: bool
+) -> torch.Tensor:
+    """lse (M,) in the accumulation dtype; ``y=None`` means the anchors are their own candidates."""
+    return forward_launch(x, y, excluded, tau, tf32).run()

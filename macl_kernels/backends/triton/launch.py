@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Tuple, Union
+
 import torch
 
 from .configs import INTERPRET
@@ -16,6 +19,20 @@ def launcher(kernel):
     if INTERPRET:
         return kernel
     return torch.library.wrap_triton(kernel)
+
+
+@dataclass
+class Launch:
+    """One kernel launch, described before it runs: :mod:`benchmarks.codegen` compiles the same arguments."""
+
+    kernel: Any  # a triton.jit kernel, maybe wrapped by triton.autotune
+    grid: Union[Tuple[int, ...], Callable[[Dict[str, Any]], Tuple[int, ...]]]
+    args: Dict[str, Any]  # every kernel argument, by name
+    out: Any  # what the caller gets back: the output tensor(s)
+
+    def run(self) -> Any:
+        launcher(self.kernel)[self.grid](**self.args)
+        return self.out
 
 
 def dot_flags(dtype: torch.dtype, tf32: bool) -> dict:

@@ -21,7 +21,7 @@ import triton.language as tl
 from ..._math import accumulation_dtype
 from .configs import INTERPRET, PROLOGUE_ROWS, ROW_COUNTS, block_d
 from .helpers import load_tile, store_tile
-from .launch import launcher
+from .launch import Launch
 
 NORM_EPS = 1e-12  # F.normalize's default eps (MATH.md section 1)
 INTERPRETER_ROWS = 128  # bigger blocks are cheaper in the interpreter
@@ -227,36 +227,86 @@ def _rows_per_program() -> int:
     return INTERPRETER_ROWS if INTERPRET else PROLOGUE_ROWS
 
 
-def normalize_pair(z0: torch.Tensor, z1: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """(u0, u1, s+, norm0, norm1): rows in z's dtype, the rest in the accumulation dtype."""
+def normalize_launch(z0: torch.Tensor, z1: torch.Tensor) -> Launch:
     n, d = z0.shape
     acc = accumulation_dtype(z0.dtype)
     u0 = torch.empty((n, d), dtype=z0.dtype, device=z0.device)
     u1 = torch.empty_like(u0)
     cos, norm0, norm1 = (torch.empty(n, dtype=acc, device=z0.device) for _ in range(3))
     rows = _rows_per_program()
-    launcher(normalize_pair_kernel)[(triton.cdiv(n, rows),)](
-        z0,
-        z1,
-        u0,
-        u1,
-        cos,
-        norm0,
-        norm1,
-        n,
-        d,
-        z0.stride(0),
-        z0.stride(1),
-        z1.stride(0),
-        z1.stride(1),
-        u0.stride(0),
-        u0.stride(1),
+    args = dict(
+        z0_ptr=z0,
+        z1_ptr=z1,
+        u0_ptr=u0,
+        u1_ptr=u1,
+        cos_ptr=cos,
+        norm0_ptr=norm0,
+        norm1_ptr=norm1,
+        N=n,
+        D=d,
+        stride_z0n=z0.stride(0),
+        stride_z0d=z0.stride(1),
+        stride_z1n=z1.stride(0),
+        stride_z1d=z1.stride(1),
+        stride_un=u0.stride(0),
+        stride_ud=u0.stride(1),
         EPS=NORM_EPS,
         BLOCK_ROWS=rows,
         BLOCK_D=block_d(d, z0.element_size()),
         INTERPRETER=INTERPRET,
     )
-    return u0, u1, cos, norm0, norm1
+    return Launch(normalize_pair_kernel, (triton.cdiv(n, rows),), args, (u0, u1, cos, norm0, norm1))
+
+
+def normalize_pair(z0: torch.Tensor, z1: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """(u0, u1, s+, norm0, norm1): rows in z's dtype, the rest in the accumulation dtype."""
+    return normalize_launch(z0, z1).run()
+
+
+def normalize_backward_launch(
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    norm0: torch.Tensor,
+    norm1: torch.Tensor,
+    grad_u0: Optional[torch.Tensor],
+    grad_u1: Optional[torch.Tensor],
+    grad_cos: Optional[torch.Tensor],
+) -> Launch:
+    n, d = z0.shape
+    dz0 = torch.empty((n, d), dtype=z0.dtype, device=z0.device)
+    dz1 = torch.empty_like(dz0)
+    rows = _rows_per_program()
+    args = dict(
+        z0_ptr=z0,
+        z1_ptr=z1,
+        norm0_ptr=norm0,
+        norm1_ptr=norm1,
+        du0_ptr=norm0 if grad_u0 is None else grad_u0,  # unused pointers where a gradient is missing
+        du1_ptr=norm0 if grad_u1 is None else grad_u1,
+        dcos_ptr=norm0 if grad_cos is None else grad_cos.contiguous(),
+        dz0_ptr=dz0,
+        dz1_ptr=dz1,
+        N=n,
+        D=d,
+        stride_z0n=z0.stride(0),
+        stride_z0d=z0.stride(1),
+        stride_z1n=z1.stride(0),
+        stride_z1d=z1.stride(1),
+        stride_du0n=0 if grad_u0 is None else grad_u0.stride(0),
+        stride_du0d=0 if grad_u0 is None else grad_u0.stride(1),
+        stride_du1n=0 if grad_u1 is None else grad_u1.stride(0),
+        stride_du1d=0 if grad_u1 is None else grad_u1.stride(1),
+        stride_dzn=dz0.stride(0),
+        stride_dzd=dz0.stride(1),
+        HAS_DU0=grad_u0 is not None,
+        HAS_DU1=grad_u1 is not None,
+        HAS_DCOS=grad_cos is not None,
+        EPS=NORM_EPS,
+        BLOCK_ROWS=rows,
+        BLOCK_D=block_d(d, z0.element_size()),
+        INTERPRETER=INTERPRET,
+    )
+    return Launch(normalize_pair_backward_kernel, (triton.cdiv(n, rows),), args, (dz0, dz1))
 
 
 def normalize_pair_backward(
@@ -269,38 +319,4 @@ def normalize_pair_backward(
     grad_cos: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dz0, dz1) in z's dtype; a missing upstream gradient counts as zero."""
-    n, d = z0.shape
-    dz0 = torch.empty((n, d), dtype=z0.dtype, device=z0.device)
-    dz1 = torch.empty_like(dz0)
-    rows = _rows_per_program()
-    launcher(normalize_pair_backward_kernel)[(triton.cdiv(n, rows),)](
-        z0,
-        z1,
-        norm0,
-        norm1,
-        norm0 if grad_u0 is None else grad_u0,  # unused pointers where a gradient is missing
-        norm0 if grad_u1 is None else grad_u1,
-        norm0 if grad_cos is None else grad_cos.contiguous(),
-        dz0,
-        dz1,
-        n,
-        d,
-        z0.stride(0),
-        z0.stride(1),
-        z1.stride(0),
-        z1.stride(1),
-        0 if grad_u0 is None else grad_u0.stride(0),
-        0 if grad_u0 is None else grad_u0.stride(1),
-        0 if grad_u1 is None else grad_u1.stride(0),
-        0 if grad_u1 is None else grad_u1.stride(1),
-        dz0.stride(0),
-        dz0.stride(1),
-        HAS_DU0=grad_u0 is not None,
-        HAS_DU1=grad_u1 is not None,
-        HAS_DCOS=grad_cos is not None,
-        EPS=NORM_EPS,
-        BLOCK_ROWS=rows,
-        BLOCK_D=block_d(d, z0.element_size()),
-        INTERPRETER=INTERPRET,
-    )
-    return dz0, dz1
+    return normalize_backward_launch(z0, z1, norm0, norm1, grad_u0, grad_u1, grad_cos).run()

@@ -1,0 +1,395 @@
+"""The codegen report: what the GPU kernels compile to on sm_90 / sm_80, read without a GPU.
+
+    python -m benchmarks.codegen --arch 90 [--arch 80] [--out DIR] [--check] [--subset all|check]
+
+Triton kernels: every kernel x every config the autotuner may pick (after its prune
+hook) x dtype (bf16, fp16, fp32 with TF32 dots, fp32 by default, fp64) x D class
+(64, 128, 256, 1024) x layout variant, compiled ahead of time through the JIT's own
+path: the host code builds each launch's arguments (``*_launch`` in
+macl_kernels/backends/triton) on meta tensors, and the autotuned kernel's
+``warmup`` compiles them while a stand-in Triton driver reports
+``GPUTarget("cuda", arch, 32)``, so heuristics, the prune hook and the argument
+specialization are exactly those of a launch. Compiled kernels are cached by Triton
+under ``--cache`` (keyed by source, options and target), SASS analyses beside them.
+
+CUDA extension: every kernel of the built ``macl_kernels/_C*.so`` (``cuobjdump``).
+
+Per compiled kernel: ``mma`` (wgmma / mma.sync / fma, from the PTX or SASS),
+``pipeline`` (tma / cp.async / none), registers and static shared memory
+(``cuobjdump -res-usage``; Triton's dynamic shared memory from its metadata), spill
+bytes (local-memory stores and loads in the SASS), ``fits`` (shared memory within
+the architecture's per-block limit) and the innermost tile loop's SASS instructions
+and MUFU operations per score element per thread (how the loop is found:
+:mod:`benchmarks.sass`). ``--check`` exits 1 when a kernel spills or does not fit;
+``make codegen`` runs it on the ``check`` subset (bf16/fp16 D <= 256, TF32 D <= 128,
+sm_90). Writes ``codegen.csv`` and ``codegen.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from . import sass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMEM_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100/H200)
+DTYPES = {  # name: (torch dtype, TF32 dots)
+    "bf16": (torch.bfloat16, False),
+    "fp16": (torch.float16, False),
+    "tf32": (torch.float32, True),
+    "fp32": (torch.float32, False),
+    "fp64": (torch.float64, False),
+}
+D_CLASSES = (64, 128, 256, 1024)
+LARGE_ROWS = 32768  # M = C of the autotuned kernels; the small problems use the fixed tile
+SMALL_ROWS = 512
+SUBSETS = {  # name: (arch -> None, dtype -> largest D)
+    "all": ({80, 90}, {name: max(D_CLASSES) for name in DTYPES}),
+    "check": ({90}, {"bf16": 256, "fp16": 256, "tf32": 128}),
+}
+COLUMNS = [
+    "kernel",
+    "layout",
+    "arch",
+    "dtype",
+    "d",
+    "block_m",
+    "block_n",
+    "block_d",
+    "warps",
+    "stages",
+    "mma",
+    "pipeline",
+    "regs",
+    "spill_bytes",
+    "smem_bytes",
+    "fits",
+    "sass_per_element",
+    "mufu_per_element",
+    "sass_per_element_max",
+    "top_opcodes",
+]
+# CUDA kernels: score elements each thread handles per iteration of the innermost exp loop, by
+# (kernel, dtype), from the tile shapes documented at the top of csrc/cuda/*.cu. A kernel missing
+# here gets empty loop columns (its loop's instruction count is still in top_opcodes).
+CUDA_ELEMENTS_PER_ITERATION: Dict[tuple, float] = {}
+
+
+def tool(name: str) -> str:
+    """A CUDA binary tool: the one Triton ships, else CUDA_HOME's, else PATH's."""
+    import triton.backends.nvidia as nvidia
+
+    for folder in (os.path.join(os.path.dirname(nvidia.__file__), "bin"), os.path.join(_cuda_home(), "bin")):
+        path = os.path.join(folder, name)
+        if os.access(path, os.X_OK):
+            return path
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found (Triton's nvidia backend ships it; or set CUDA_HOME)")
+    return found
+
+
+def _cuda_home() -> str:
+    return os.environ.get("CUDA_HOME", "/usr/local/cuda")
+
+
+def run_tool(*args: str) -> str:
+    return subprocess.run(args, capture_output=True, text=True, check=True).stdout
+
+
+class _TargetDriver:
+    """Stands in for Triton's CUDA driver: reports one GPU target, launches nothing (only warmup is used)."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return f"codegen-sm_{self.target.arch}"  # a key of the JIT's per-device caches
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def is_active(self):
+        return True
+
+
+@contextlib.contextmanager
+def target_driver(arch: int) -> Iterator[None]:
+    from triton.runtime.driver import driver
+
+    before = driver._active
+    driver.set_active(_TargetDriver(arch))
+    try:
+        yield
+    finally:
+        driver._active = before
+
+
+def compile_launch(launch, arch: int) -> list:
+    """The CompiledKernel of every config the launch may run (all those the prune hook keeps)."""
+    with target_driver(arch):
+        compiled = launch.kernel.warmup(grid=(1,), **launch.args)
+    return compiled if isinstance(compiled, list) else [compiled]
+
+
+def launches(dtype: torch.dtype, tf32: bool, d: int, rows: int) -> Dict[tuple, object]:
+    """(kernel, layout) -> Launch of every Triton kernel for one problem, on meta tensors."""
+    from macl_kernels._math import accumulation_dtype
+    from macl_kernels.backends.triton import backward, forward, prologue
+
+    acc = accumulation_dtype(dtype)
+    meta = dict(device="meta")
+    x = torch.empty(rows, d, dtype=dtype, **meta)
+    excluded = torch.empty(rows, 2, dtype=torch.int32, **meta)
+    tau = torch.empty((), dtype=acc, **meta)
+    lse = torch.empty(rows, dtype=acc, **meta)
+    grad = torch.empty(rows, dtype=acc, **meta)
+    partial = torch.empty(rows, d, dtype=acc, **meta)
+    found = {
+        ("forward", "ntxent"): forward.forward_launch(x, None, excluded, tau, tf32),
+        ("rows", "ntxent"): backward.rows_launch(x, None, excluded, tau, lse, grad, tf32, True),
+        ("columns", "ntxent"): backward.columns_launch(x, None, excluded, tau, lse, grad, tf32, partial),
+        ("forward", "cross"): forward.forward_launch(x, x, excluded, tau, tf32),
+        ("rows", "cross"): backward.rows_launch(x, x, excluded, tau, lse, grad, tf32, False),
+        ("columns", "cross"): backward.columns_launch(x, x, excluded, tau, lse, grad, tf32, None),
+    }
+    if not tf32:  # the prologue has no dots
+        found[("normalize", "-")] = prologue.normalize_launch(x, x)
+        found[("normalize_backward", "-")] = prologue.normalize_backward_launch(x, x, lse, lse, x, x, grad)
+    return found
+
+
+def _constants(compiled) -> Dict[str, object]:
+    names = compiled.src.fn.arg_names
+    return {names[key[0]]: value for key, value in compiled.src.constants.items() if len(key) == 1}
+
+
+def analyze_cubin(cubin: bytes, cache: str) -> dict:
+    """SASS functions and resource usage of a cubin (cached by its hash)."""
+    digest = hashlib.sha256(cubin).hexdigest()[:32]
+    path = os.path.join(cache, "sass", digest + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cubin_path = path[: -len(".json")] + ".cubin"
+    with open(cubin_path, "wb") as f:
+        f.write(cubin)
+    found = {"sass": run_tool(tool("cuobjdump"), "-sass", cubin_path)}
+    found["res_usage"] = run_tool(tool("cuobjdump"), "-res-usage", cubin_path)
+    os.remove(cubin_path)
+    with open(path, "w") as f:
+        json.dump(found, f)
+    return found
+
+
+def triton_row(kernel: str, layout: str, arch: int, dtype: str, d: int, compiled, cache: str) -> dict:
+    consts = _constants(compiled)
+    meta = compiled.metadata
+    found = analyze_cubin(compiled.asm["cubin"], cache)
+    (function,) = sass.parse_sass(found["sass"])
+    (usage,) = sass.parse_res_usage(found["res_usage"])
+    block_m, block_n = consts.get("BLOCK_M", ""), consts.get("BLOCK_N", "")
+    block_d = consts.get("BLOCK_D", "")
+    threads = 32 * meta.num_warps
+    elements = block_m * block_n / threads if block_m and block_n else None
+    trips = 1 if consts.get("SINGLE_CHUNK", True) else math.ceil(d / block_d)
+    smem = max(meta.shared, usage["shared"])
+    return {
+        "kernel": kernel,
+        "layout": layout,
+        "arch": arch,
+        "dtype": dtype,
+        "d": d,
+        "block_m": block_m,
+        "block_n": block_n,
+        "block_d": block_d,
+        "warps": meta.num_warps,
+        "stages": meta.num_stages,
+        "mma": sass.mma_kind_of_ptx(compiled.asm["ptx"]),
+        "pipeline": sass.pipeline_of_ptx(compiled.asm["ptx"]),
+        "regs": usage["regs"],
+        "spill_bytes": sass.spill_bytes(function),
+        "smem_bytes": smem,
+        "fits": "yes" if smem <= SMEM_PER_BLOCK[arch] else "no",
+        **sass.per_element(sass.tile_loops(function, trips), elements),
+    }
+
+
+def triton_rows(archs: List[int], subset: Dict[str, int], cache: str, log) -> List[dict]:
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
+    cases = [
+        (arch, name, d, problem)
+        for arch in archs
+        for name, largest in subset.items()
+        for d in D_CLASSES
+        if d <= largest
+        for problem in (LARGE_ROWS, SMALL_ROWS)
+    ]
+    rows, seen = [], set()
+    for arch, name, d, problem in cases:
+        dtype, tf32 = DTYPES[name]
+        for (kernel, layout), launch in launches(dtype, tf32, d, problem).items():
+            started = time.time()
+            for compiled in compile_launch(launch, arch):
+                key = (kernel, layout, arch, name, d, compiled.hash)
+                if key not in seen:  # the small problem's tile is often one of the tuned ones
+                    seen.add(key)
+                    rows.append(triton_row(kernel, layout, arch, name, d, compiled, cache))
+            log(f"sm_{arch} {name} D={d} {kernel} {layout} rows={problem}: {time.time() - started:.1f} s")
+    return rows
+
+
+CUDA_TYPES = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32", "double": "fp64"}
+CUDA_NAME = re.compile(r"(?P<kernel>\w+)<(?P<input>[\w:]+),")
+
+
+def demangle(names: List[str]) -> List[str]:
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
+        return out.stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return names
+
+
+def cuda_rows(library: str, archs: List[int]) -> List[dict]:
+    """One row per kernel and architecture of the CUDA extension's shared library."""
+    functions = sass.parse_sass(run_tool(tool("cuobjdump"), "-sass", library))
+    usage = {
+        (u["name"], u["arch"]): u for u in sass.parse_res_usage(run_tool(tool("cuobjdump"), "-res-usage", library))
+    }
+    readable = demangle([f.name for f in functions])
+    rows = []
+    for function, name in zip(functions, readable):
+        arch = int(re.sub(r"\D", "", function.arch))
+        if arch not in archs or not function.instructions:
+            continue
+        parsed = CUDA_NAME.search(name)
+        kernel = parsed["kernel"] if parsed else name
+        dtype = CUDA_TYPES.get(parsed["input"], parsed["input"]) if parsed else ""
+        res = usage.get((function.name, function.arch), {})
+        smem = res.get("shared", "")
+        loops = sass.tile_loops(function)
+        columns = sass.per_element(loops, CUDA_ELEMENTS_PER_ITERATION.get((kernel, dtype)))
+        if loops and not columns["top_opcodes"]:
+            columns["top_opcodes"] = f"loop:{min(loop.instructions for loop in loops)} instructions"
+        rows.append(
+            {
+                "kernel": f"cuda:{kernel}",
+                "layout": "-",
+                "arch": arch,
+                "dtype": dtype,
+                "d": "",
+                "block_m": "",
+                "block_n": "",
+                "block_d": "",
+                "warps": "",
+                "stages": "",
+                "mma": sass.mma_kind_of_sass(function),
+                "pipeline": sass.pipeline_of_sass(function),
+                "regs": res.get("regs", ""),
+                "spill_bytes": sass.spill_bytes(function),
+                "smem_bytes": smem,
+                "fits": "" if smem == "" else ("yes" if smem <= SMEM_PER_BLOCK[arch] else "no"),
+                **columns,
+            }
+        )
+    return rows
+
+
+def problems(rows: List[dict]) -> List[str]:
+    """What --check fails on: spills, or shared memory over the block limit."""
+    found = []
+    for row in rows:
+        where = f"{row['kernel']} {row['layout']} sm_{row['arch']} {row['dtype']} D={row['d']} "
+        where += f"{row['block_m']}x{row['block_n']} w{row['warps']} s{row['stages']}"
+        if row["spill_bytes"]:
+            found.append(f"{where}: {row['spill_bytes']} spill bytes")
+        if row["fits"] == "no":
+            found.append(f"{where}: {row['smem_bytes']} B of shared memory > {SMEM_PER_BLOCK[row['arch']]}")
+    return found
+
+
+def write_csv(rows: List[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: str) -> List[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def markdown(rows: List[dict], header: str) -> str:
+    shown = [c for c in COLUMNS if c != "top_opcodes"]
+    lines = [header, "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row[c]) for c in shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_PER_BLOCK), help="default: 90")
+    parser.add_argument("--out", default=os.path.join(ROOT, "build", "codegen"))
+    parser.add_argument("--cache", default=os.path.join(ROOT, "build", "codegen-cache"))
+    parser.add_argument("--subset", choices=sorted(SUBSETS), default="all")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only these dtypes")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA extension's kernels")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or does not fit")
+    args = parser.parse_args(argv)
+    if "macl_kernels.backends.triton" in sys.modules:
+        raise RuntimeError("run benchmarks.codegen in its own process: the kernels must not be interpreted")
+    os.environ["TRITON_INTERPRET"] = "0"  # read when triton.jit decorates the kernels, on their import
+
+    subset_archs, subset = SUBSETS[args.subset]
+    archs = sorted(a for a in (args.arch or [90]) if a in subset_archs)
+    if args.dtype:
+        subset = {name: largest for name, largest in subset.items() if name in args.dtype}
+    started = time.time()
+    rows = triton_rows(archs, subset, args.cache, log=lambda line: print(line, file=sys.stderr))
+    libraries = sorted(glob.glob(os.path.join(ROOT, "macl_kernels", "_C*.so")))
+    if not args.no_cuda and libraries:
+        rows += [r for r in cuda_rows(libraries[0], archs) if r["dtype"] in subset]
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(rows, os.path.join(args.out, "codegen.csv"))
+    import triton
+
+    header = (
+        f"# Codegen report\n\n`python -m benchmarks.codegen {' '.join(argv if argv is not None else sys.argv[1:])}`"
+        f" (triton {triton.__version__}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
+        f"{time.time() - started:.0f} s). Columns: benchmarks/codegen.py."
+    )
+    with open(os.path.join(args.out, "codegen.md"), "w") as f:
+        f.write(markdown(rows, header))
+    print(f"{len(rows)} kernels in {time.time() - started:.0f} s -> {args.out}/codegen.csv, codegen.md")
+    found = problems(rows)
+    for line in found:
+        print("FAIL", line)
+    return 1 if args.check and found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
