@@ -164,14 +164,12 @@ def launches(dtype: torch.dtype, tf32: bool, d: int, rows: int) -> Dict[tuple, o
     tau = torch.empty((), dtype=acc, **meta)
     lse = torch.empty(rows, dtype=acc, **meta)
     grad = torch.empty(rows, dtype=acc, **meta)
-    partial = torch.empty(rows, d, dtype=acc, **meta)
     found = {
         ("forward", "ntxent"): forward.forward_launch(x, None, excluded, tau, tf32),
-        ("rows", "ntxent"): backward.rows_launch(x, None, excluded, tau, lse, grad, tf32, True),
-        ("columns", "ntxent"): backward.columns_launch(x, None, excluded, tau, lse, grad, tf32, partial),
+        ("backward", "ntxent"): backward.rows_launch(x, None, excluded, tau, lse, grad, tf32),
         ("forward", "cross"): forward.forward_launch(x, x, excluded, tau, tf32),
-        ("rows", "cross"): backward.rows_launch(x, x, excluded, tau, lse, grad, tf32, False),
-        ("columns", "cross"): backward.columns_launch(x, x, excluded, tau, lse, grad, tf32, None),
+        ("rows", "cross"): backward.rows_launch(x, x, excluded, tau, lse, grad, tf32),
+        ("columns", "cross"): backward.columns_launch(x, x, excluded, tau, lse, grad, tf32),
     }
     if not tf32:  # the prologue has no dots
         found[("normalize", "-")] = prologue.normalize_launch(x, x)
@@ -236,13 +234,13 @@ def triton_row(kernel: str, layout: str, arch: int, dtype: str, d: int, compiled
     }
 
 
-def triton_rows(archs: List[int], subset: Dict[str, int], cache: str, log) -> List[dict]:
+def triton_rows(archs: List[int], subset: Dict[str, int], widths, cache: str, log) -> List[dict]:
     os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
     cases = [
         (arch, name, d, problem)
         for arch in archs
         for name, largest in subset.items()
-        for d in D_CLASSES
+        for d in widths
         if d <= largest
         for problem in (LARGE_ROWS, SMALL_ROWS)
     ]
@@ -357,6 +355,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cache", default=os.path.join(ROOT, "build", "codegen-cache"))
     parser.add_argument("--subset", choices=sorted(SUBSETS), default="all")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only these dtypes")
+    parser.add_argument("--d", type=int, action="append", choices=D_CLASSES, help="only these D classes")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA extension's kernels")
     parser.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or does not fit")
     args = parser.parse_args(argv)
@@ -369,7 +368,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dtype:
         subset = {name: largest for name, largest in subset.items() if name in args.dtype}
     started = time.time()
-    rows = triton_rows(archs, subset, args.cache, log=lambda line: print(line, file=sys.stderr))
+    rows = triton_rows(archs, subset, args.d or D_CLASSES, args.cache, log=lambda line: print(line, file=sys.stderr))
     libraries = sorted(glob.glob(os.path.join(ROOT, "macl_kernels", "_C*.so")))
     if not args.no_cuda and libraries:
         rows += [r for r in cuda_rows(libraries[0], archs) if r["dtype"] in subset]

@@ -48,11 +48,16 @@ def test_embedding_chunks_fit_shared_memory_on_gpus(monkeypatch):
 
 def test_only_tensor_core_dots_at_large_sizes_are_autotuned():
     big = 1 << 20
-    assert configs.autotuned(1024, 1024, torch.bfloat16, False) and configs.autotuned(1024, 1024, torch.float16, False)
-    assert configs.autotuned(1024, 1024, torch.float32, True)  # TF32
-    assert not configs.autotuned(1024, 1024, torch.float32, False)  # IEEE fp32: FMA units, one tile
-    assert not configs.autotuned(1024, 1024, torch.float64, False)
-    assert not configs.autotuned(big // 1024 - 1, 1024, torch.bfloat16, False)  # small problem
+    assert configs.autotuned(1024, 1024, torch.bfloat16) and configs.autotuned(1024, 1024, torch.float16)
+    assert configs.autotuned(1024, 1024, torch.float32)  # TF32 or tf32x3
+    assert not configs.autotuned(1024, 1024, torch.float64)  # FMA units, one tile
+    assert not configs.autotuned(big // 1024 - 1, 1024, torch.bfloat16)  # small problem
+
+
+def test_fp32_dots_are_tf32x3_unless_tf32_is_allowed():
+    assert configs.dot_precision(torch.float32, False) == "tf32x3"
+    assert configs.dot_precision(torch.float32, True) == "tf32"
+    assert configs.dot_precision(torch.float64, True) == "ieee"
 
 
 @pytest.fixture
@@ -94,7 +99,7 @@ def test_fp16_column_pass_keeps_tiny_weights():
     tau = torch.tensor(1.0)
     h = torch.full((m,), 1e-5)
     lse = ops.negative_lse(x.half(), y.half(), excluded, tau, False)
-    dy = ops.negative_lse_columns(x.half(), y.half(), excluded, tau, lse, h, False, None)
+    dy = ops.negative_lse_columns(x.half(), y.half(), excluded, tau, lse, h, False)
     y64 = y.clone().requires_grad_(True)
     torch_chunked.TorchBackend().negative_lse(x, y64, excluded, tau.double()).mul(h.double()).sum().backward()
     assert_rel_close(dy, y64.grad, 2e-3, "dy")
@@ -172,15 +177,13 @@ def _op_cases():
     lse_cross = ops.negative_lse(x, y, cross, tau, False)
     lse_ntxent = ops.negative_lse(x, None, ntxent, tau, False)
     h = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-    partial = ops.negative_lse_rows(x, None, ntxent, tau, lse_ntxent, h, False, True)
     z0, z1 = (_unit_rows(5, 7, seed) * 3 for seed in (10, 11))
     return {
         "negative_lse cross": (ops.negative_lse, (leaf(x), leaf(y), cross, tau, False)),
         "negative_lse ntxent": (ops.negative_lse, (leaf(x), None, ntxent, tau, False)),
-        "rows": (ops.negative_lse_rows, (x, y, cross, tau, lse_cross, h, False, False)),
-        "rows partial": (ops.negative_lse_rows, (x, None, ntxent, tau, lse_ntxent, h, False, True)),
-        "columns": (ops.negative_lse_columns, (x, y, cross, tau, lse_cross, h, False, None)),
-        "columns ntxent": (ops.negative_lse_columns, (x, None, ntxent, tau, lse_ntxent, h, False, partial)),
+        "rows": (ops.negative_lse_rows, (x, y, cross, tau, lse_cross, h, False)),
+        "rows symmetric": (ops.negative_lse_rows, (x, None, ntxent, tau, lse_ntxent, h, False)),
+        "columns": (ops.negative_lse_columns, (x, y, cross, tau, lse_cross, h, False)),
         "normalize": (ops.normalize, (leaf(z0), leaf(z1))),
         "normalize backward": (
             ops.normalize_backward,

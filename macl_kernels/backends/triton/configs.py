@@ -44,15 +44,15 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
 INTERPRETER_CONFIG = _config(64, 64, 4, 1)
 SMALL_CONFIG = _config(64, 64, 4, 2)
 
-# Ampere (sm_80) and Hopper (sm_90) tensor cores: 64/128-row tiles, 3-stage pipelines for
-# the streamed tiles. A config that does not fit in shared memory for a given BLOCK_D
-# (128 x 128 at D = 256) fails at its first launch and is skipped by the autotuner; the
-# last one fits everywhere (<= 160 KiB for bf16 D > 256 on sm_90, 96 KiB on sm_80, by the
-# compiled kernels' metadata), so there is always a candidate.
+# Ampere (sm_80) and Hopper (sm_90) tensor cores: 64/128-row tiles, 2-3-stage pipelines for
+# the streamed tiles. prune_configs drops those that cannot fit a block's shared memory or
+# would spill (benchmarks/codegen.py checks both on the compiled kernels); the last one fits
+# everywhere, so there is always a candidate.
 GPU_CONFIGS = [
     _config(128, 64, 4, 3),
     _config(64, 128, 4, 3),
     _config(128, 128, 8, 3),
+    _config(128, 64, 8, 2),
     SMALL_CONFIG,
 ]
 
@@ -67,8 +67,92 @@ SIZES = ["M", "C", "ROWS_CLASS", "COLS_CLASS"]
 ROW_COUNTS = ["N"]
 
 # Autotuning is keyed by size class (the next power of two of the anchor and
-# candidate counts) and the embedding chunk, not by the exact sizes.
-TUNING_KEY = ["ROWS_CLASS", "COLS_CLASS", "BLOCK_D", "SINGLE_CHUNK", "TF32"]
+# candidate counts), the embedding width and the dot precision, not by the exact sizes.
+TUNING_KEY = ["ROWS_CLASS", "COLS_CLASS", "D", "TF32"]
+
+# Flags derived from the launch's arguments (triton.heuristics): the dots' input precision,
+# whether all of D fits one chunk, whether D needs no mask.
+HEURISTICS = {
+    "PRECISION": lambda args: dot_precision(args["x_ptr"].dtype, args["TF32"]),
+    "SINGLE_CHUNK": lambda args: args["D"] <= args["BLOCK_D"],
+    "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
+}
+
+# Shared memory per block (opt-in maximum) by compute capability; others get the smallest.
+SHARED_MEMORY = {80: 163 * 1024, 87: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+SMALLEST_SHARED_MEMORY = 99 * 1024
+# Registers a thread may hold in tiles before the kernels spill (of 255), by the codegen report.
+TILE_REGISTERS = 144
+
+
+def dot_precision(dtype: torch.dtype, tf32: bool) -> str:
+    """fp32 dots on tensor cores: TF32 when allowed, else the fp32-accurate three-pass tf32x3; fp64 on FMA units."""
+    if dtype == torch.float32:
+        return "tf32" if tf32 else "tf32x3"
+    return "ieee"  # fp64; unused for fp16 / bf16
+
+
+def shared_memory_limit() -> int:
+    """The current CUDA target's shared memory per block (the one Triton compiles for)."""
+    from triton.runtime import driver
+
+    arch = driver.active.get_current_target().arch
+    return SHARED_MEMORY.get(arch, SMALLEST_SHARED_MEMORY)
+
+
+def tile_footprint(config: triton.Config, itemsize: int, width: int, resident: str, score_tiles: int) -> tuple:
+    """(shared memory bytes, tile registers per thread) of a config, estimated before compiling.
+
+    Shared memory: the resident tile (``resident``: "BLOCK_M" for the row-block kernels,
+    "BLOCK_N" for the column pass), ``num_stages`` streamed tiles of the other side and,
+    for the backward passes, the weight tile fed to the second dot.
+    Registers: ``score_tiles`` fp32 score tiles live at once (0 for the forward's one, which
+    has no output tile), plus the backward's fp32 output tile, spread over the threads.
+    """
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    own, other = (block_m, block_n) if resident == "BLOCK_M" else (block_n, block_m)
+    smem = itemsize * width * (own + config.num_stages * other)
+    threads = 32 * config.num_warps
+    regs = max(1, score_tiles) * block_m * block_n // threads
+    if score_tiles:
+        smem += itemsize * block_m * block_n
+        regs += own * width // threads
+    return smem, regs
+
+
+def pruner(resident: str, score_tiles: int):
+    """The autotuner's prune hook: the configs that fit this GPU's shared memory and the register budget.
+
+    Also dropped: 8 warps on a 64-row resident tile (two warpgroups on 64 rows of a
+    wgmma spill in the column pass). The budgets come from the codegen report.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        itemsize, width = args["x_ptr"].element_size(), args["BLOCK_D"]
+        limit = shared_memory_limit()
+        kept = []
+        for config in configs:
+            smem, regs = tile_footprint(config, itemsize, width, resident, score_tiles)
+            narrow = config.num_warps > 4 and config.kwargs[resident] < 128
+            if smem <= limit and regs <= TILE_REGISTERS and not narrow:
+                kept.append(config)
+        return kept or [configs[-1]]
+
+    return prune
+
+
+def tuned(kernel, resident: str = "BLOCK_M", score_tiles: int = 0):
+    """``kernel`` autotuned over the GPU configs that fit (see :func:`pruner`), with the shape-derived flags."""
+    prune = {"early_config_prune": pruner(resident, score_tiles)}
+    return triton.autotune(configs=TUNED_CONFIGS, key=TUNING_KEY, prune_configs_by=prune)(
+        triton.heuristics(HEURISTICS)(kernel)
+    )
+
+
+def fixed(kernel):
+    """``kernel`` with the one small-problem tile and the shape-derived flags."""
+    return triton.autotune(configs=FIXED_CONFIGS, key=[])(triton.heuristics(HEURISTICS)(kernel))
 
 
 def size_class(n: int) -> int:
@@ -81,7 +165,6 @@ def block_d(d: int, itemsize: int) -> int:
     return max(MIN_BLOCK_D, min(triton.next_power_of_2(d), widest))
 
 
-def autotuned(rows: int, cols: int, dtype: torch.dtype, tf32: bool) -> bool:
-    """Whether a problem gets the autotuned kernels (else the one fixed tile)."""
-    tensor_cores = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and tf32)
-    return tensor_cores and rows * cols >= SMALL_PROBLEM
+def autotuned(rows: int, cols: int, dtype: torch.dtype) -> bool:
+    """Whether a problem gets the autotuned kernels (else the one fixed tile): tensor-core dots, big enough."""
+    return dtype != torch.float64 and rows * cols >= SMALL_PROBLEM

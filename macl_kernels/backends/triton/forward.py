@@ -15,9 +15,42 @@ import triton
 import triton.language as tl
 
 from ..._math import accumulation_dtype
-from .configs import FIXED_CONFIGS, SIZES, TUNED_CONFIGS, TUNING_KEY, autotuned, block_d, size_class
-from .helpers import dot_acc, excluded_columns, load_tile, similarity_tile
-from .launch import Launch, dot_flags
+from .configs import SIZES, autotuned, block_d, fixed, size_class, tuned
+from .helpers import (
+    LN2,
+    LOG2E,
+    bounds,
+    excluded_columns,
+    exp2,
+    interior_tile,
+    load_tile,
+    masked_tile,
+    scores,
+    tile_order,
+)
+from .launch import Launch
+
+
+@triton.jit
+def lse_step(
+    running_max, running_sum, x, x_ptr, y_ptr, rows, cols, M, C, D, stride_xm, stride_xd, stride_yc, stride_yd,
+    first, second, scale, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One candidate tile folded into the per-row running max and sum, in base 2."""
+    if SINGLE_CHUNK:
+        y = load_tile(y_ptr, cols, tl.arange(0, BLOCK_D), C, D, stride_yc, stride_yd, MASKED, EVEN_D)
+    else:
+        y = y_ptr  # unused: scores walks D in chunks
+    sim = scores(
+        x, y, x_ptr, y_ptr, rows, cols, M, C, D, stride_xm, stride_xd, stride_yc, stride_yd, first, second,
+        ACC, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, MASKED, False, PRECISION,
+    )  # fmt: skip
+    new_max = tl.maximum(running_max, tl.max(sim, axis=1) * scale)  # scale > 0: the max before scaling
+    # A row whose negatives all lie in later tiles keeps -inf: shift by 0 there, never by inf.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    terms = exp2(sim * scale - shift[:, None])  # one FFMA and one MUFU.EX2 per element
+    return new_max, running_sum * exp2(running_max - shift) + tl.sum(terms, axis=1)
 
 
 @triton.jit(do_not_specialize=SIZES)
@@ -38,61 +71,48 @@ def negative_lse_kernel(
     stride_ek,
     ROWS_CLASS,  # autotuning key only
     COLS_CLASS,  # autotuning key only
+    TF32: tl.constexpr,  # autotuning key; PRECISION is derived from it
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
-    TF32: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     ACC = lse_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    inv_tau = 1.0 / tl.load(tau_ptr).to(ACC)
+    scale = LOG2E / tl.load(tau_ptr).to(ACC)  # logits in base 2: one multiply-add before exp2
     first, second = excluded_columns(excluded_ptr, rows, M, stride_em, stride_ek)
     if SINGLE_CHUNK:  # all of D in one tile: the anchors are loaded once
-        dims = tl.arange(0, BLOCK_D)
-        x = load_tile(x_ptr, rows, dims, M, D, stride_xm, stride_xd)
+        x = load_tile(x_ptr, rows, tl.arange(0, BLOCK_D), M, D, stride_xm, stride_xd, True, EVEN_D)
+    else:
+        x = x_ptr  # unused: scores walks D in chunks
+    # Tiles holding an excluded column or the ragged edge are masked; the others are not.
+    lo1, hi1 = bounds(first)
+    lo2, hi2 = bounds(second)
+    n_full = C // BLOCK_N
+    a1, len1, a2, len2 = tile_order(lo1, hi1, lo2, hi2, n_full, BLOCK_N)
 
     running_max = tl.full((BLOCK_M,), float("-inf"), ACC)
     running_sum = tl.zeros((BLOCK_M,), ACC)
-    for start in range(0, C, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        if SINGLE_CHUNK:
-            y = load_tile(y_ptr, cols, dims, C, D, stride_yc, stride_yd)
-            sim = dot_acc(x, tl.trans(y), tl.zeros((BLOCK_M, BLOCK_N), ACC), TF32, INTERPRETER)
-        else:
-            sim = similarity_tile(
-                x_ptr,
-                y_ptr,
-                rows,
-                cols,
-                M,
-                C,
-                D,
-                stride_xm,
-                stride_xd,
-                stride_yc,
-                stride_yd,
-                ACC,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
-                TF32,
-                INTERPRETER,
-            )
-        hidden = (cols[None, :] >= C) | (cols[None, :] == first[:, None]) | (cols[None, :] == second[:, None])
-        logits = tl.where(hidden, float("-inf"), sim * inv_tau)
-        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        # A row whose negatives all lie in later tiles keeps -inf: shift by 0 there, never by inf.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
-        running_max = new_max
+    for k in range(0, n_full - len1 - len2):
+        cols = interior_tile(k, a1, len1, a2, len2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        running_max, running_sum = lse_step(
+            running_max, running_sum, x, x_ptr, y_ptr, rows, cols, M, C, D, stride_xm, stride_xd, stride_yc,
+            stride_yd, first, second, scale, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, False, PRECISION,
+        )  # fmt: skip
+    for j in range(0, len1 + len2 + (n_full * BLOCK_N < C).to(tl.int32)):
+        cols = masked_tile(j, a1, len1, a2, len2, n_full) * BLOCK_N + tl.arange(0, BLOCK_N)
+        running_max, running_sum = lse_step(
+            running_max, running_sum, x, x_ptr, y_ptr, rows, cols, M, C, D, stride_xm, stride_xd, stride_yc,
+            stride_yd, first, second, scale, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, True, PRECISION,
+        )  # fmt: skip
 
-    tl.store(lse_ptr + rows, running_max + tl.log(running_sum), mask=rows < M)
+    tl.store(lse_ptr + rows, (running_max + tl.log2(running_sum)) * LN2, mask=rows < M)
 
 
-negative_lse_tuned = triton.autotune(configs=TUNED_CONFIGS, key=TUNING_KEY)(negative_lse_kernel)
-negative_lse_fixed = triton.autotune(configs=FIXED_CONFIGS, key=[])(negative_lse_kernel)
+negative_lse_tuned = tuned(negative_lse_kernel)
+negative_lse_fixed = fixed(negative_lse_kernel)
 
 
 def forward_launch(
@@ -102,7 +122,6 @@ def forward_launch(
     m, d = x.shape
     c = cand.shape[0]
     lse = torch.empty(m, dtype=accumulation_dtype(x.dtype), device=x.device)
-    chunk = block_d(d, x.element_size())
     args = dict(
         x_ptr=x,
         y_ptr=cand,
@@ -120,11 +139,10 @@ def forward_launch(
         stride_ek=excluded.stride(1),
         ROWS_CLASS=size_class(m),
         COLS_CLASS=size_class(c),
-        BLOCK_D=chunk,
-        SINGLE_CHUNK=d <= chunk,
-        **dot_flags(x.dtype, tf32),
+        TF32=bool(tf32),
+        BLOCK_D=block_d(d, x.element_size()),
     )
-    kernel = negative_lse_tuned if autotuned(m, c, x.dtype, tf32) else negative_lse_fixed
+    kernel = negative_lse_tuned if autotuned(m, c, x.dtype) else negative_lse_fixed
     return Launch(kernel, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),), args, lse)
 
 

@@ -33,8 +33,3 @@ class Launch:
     def run(self) -> Any:
         launcher(self.kernel)[self.grid](**self.args)
         return self.out
-
-
-def dot_flags(dtype: torch.dtype, tf32: bool) -> dict:
-    """The dot's constexpr flags: TF32 only for fp32 operands, the bf16 workarounds only in the interpreter."""
-    return {"TF32": bool(tf32) and dtype == torch.float32, "INTERPRETER": INTERPRET}

@@ -103,22 +103,20 @@ def _negative_lse_rows(
     lse: torch.Tensor,
     grad_lse: torch.Tensor,
     tf32: bool,
-    partial: bool,
 ) -> torch.Tensor:
-    return backward.backward_rows(x, y, excluded, tau, lse, grad_lse, tf32, partial)
+    return backward.backward_rows(x, y, excluded, tau, lse, grad_lse, tf32)
 
 
 def _negative_lse_columns(
     x: torch.Tensor,
-    y: Optional[torch.Tensor],
+    y: torch.Tensor,
     excluded: torch.Tensor,
     tau: torch.Tensor,
     lse: torch.Tensor,
     grad_lse: torch.Tensor,
     tf32: bool,
-    rows_partial: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    return backward.backward_columns(x, y, excluded, tau, lse, grad_lse, tf32, rows_partial)
+    return backward.backward_columns(x, y, excluded, tau, lse, grad_lse, tf32)
 
 
 negative_lse = _define("triton_negative_lse", _negative_lse)
@@ -132,14 +130,13 @@ def _(x, y, excluded, tau, tf32):
 
 
 @negative_lse_rows.register_fake
-def _(x, y, excluded, tau, lse, grad_lse, tf32, partial):
-    return x.new_empty(x.shape, dtype=accumulation_dtype(x.dtype) if partial else x.dtype)
+def _(x, y, excluded, tau, lse, grad_lse, tf32):
+    return x.new_empty(x.shape)
 
 
 @negative_lse_columns.register_fake
-def _(x, y, excluded, tau, lse, grad_lse, tf32, rows_partial):
-    cand = x if y is None else y
-    return cand.new_empty(cand.shape)
+def _(x, y, excluded, tau, lse, grad_lse, tf32):
+    return y.new_empty(y.shape)
 
 
 def _negative_lse_setup(ctx, inputs, output):
@@ -150,12 +147,11 @@ def _negative_lse_setup(ctx, inputs, output):
 
 def _negative_lse_grad(ctx, grad_lse):
     x, y, excluded, tau, lse = ctx.saved_tensors
-    if y is None:  # anchors = candidates: dx = E x + E^T x, the row pass feeding the column pass
-        partial = negative_lse_rows(x, None, excluded, tau, lse, grad_lse, ctx.tf32, True)
-        return negative_lse_columns(x, None, excluded, tau, lse, grad_lse, ctx.tf32, partial), None, None, None, None
+    if y is None:  # anchors = candidates: dx = (E + E^T) x in one symmetric row pass
+        return negative_lse_rows(x, None, excluded, tau, lse, grad_lse, ctx.tf32), None, None, None, None
     need_dx, need_dy = ctx.needs_input_grad[:2]
-    dx = negative_lse_rows(x, y, excluded, tau, lse, grad_lse, ctx.tf32, False) if need_dx else None
-    dy = negative_lse_columns(x, y, excluded, tau, lse, grad_lse, ctx.tf32, None) if need_dy else None
+    dx = negative_lse_rows(x, y, excluded, tau, lse, grad_lse, ctx.tf32) if need_dx else None
+    dy = negative_lse_columns(x, y, excluded, tau, lse, grad_lse, ctx.tf32) if need_dy else None
     return dx, dy, None, None, None
 
 

@@ -47,7 +47,6 @@ def normalize_pair_kernel(
     EPS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    INTERPRETER: tl.constexpr,
 ):
     ACC = cos_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -68,8 +67,8 @@ def normalize_pair_kernel(
         dims = start + tl.arange(0, BLOCK_D)
         u0 = load_tile(z0_ptr, rows, dims, N, D, stride_z0n, stride_z0d).to(ACC) / norm0[:, None]
         u1 = load_tile(z1_ptr, rows, dims, N, D, stride_z1n, stride_z1d).to(ACC) / norm1[:, None]
-        store_tile(u0_ptr, u0, rows, dims, N, D, stride_un, stride_ud, INTERPRETER)
-        store_tile(u1_ptr, u1, rows, dims, N, D, stride_un, stride_ud, INTERPRETER)
+        store_tile(u0_ptr, u0, rows, dims, N, D, stride_un, stride_ud)
+        store_tile(u1_ptr, u1, rows, dims, N, D, stride_un, stride_ud)
         cos += tl.sum(u0 * u1, axis=1)
 
     inside = rows < N
@@ -144,7 +143,6 @@ def normalize_pair_backward_kernel(
     EPS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    INTERPRETER: tl.constexpr,
 ):
     ACC = norm0_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -219,8 +217,8 @@ def normalize_pair_backward_kernel(
         )
         dz0 = (g0 - u0 * proj0[:, None]) / norm0[:, None]
         dz1 = (g1 - u1 * proj1[:, None]) / norm1[:, None]
-        store_tile(dz0_ptr, dz0, rows, dims, N, D, stride_dzn, stride_dzd, INTERPRETER)
-        store_tile(dz1_ptr, dz1, rows, dims, N, D, stride_dzn, stride_dzd, INTERPRETER)
+        store_tile(dz0_ptr, dz0, rows, dims, N, D, stride_dzn, stride_dzd)
+        store_tile(dz1_ptr, dz1, rows, dims, N, D, stride_dzn, stride_dzd)
 
 
 def _rows_per_program() -> int:
@@ -253,7 +251,6 @@ def normalize_launch(z0: torch.Tensor, z1: torch.Tensor) -> Launch:
         EPS=NORM_EPS,
         BLOCK_ROWS=rows,
         BLOCK_D=block_d(d, z0.element_size()),
-        INTERPRETER=INTERPRET,
     )
     return Launch(normalize_pair_kernel, (triton.cdiv(n, rows),), args, (u0, u1, cos, norm0, norm1))
 
@@ -304,7 +301,6 @@ def normalize_backward_launch(
         EPS=NORM_EPS,
         BLOCK_ROWS=rows,
         BLOCK_D=block_d(d, z0.element_size()),
-        INTERPRETER=INTERPRET,
     )
     return Launch(normalize_pair_backward_kernel, (triton.cdiv(n, rows),), args, (dz0, dz1))
 
