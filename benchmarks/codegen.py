@@ -348,6 +348,57 @@ def markdown(rows: List[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _number(value) -> Optional[float]:
+    return float(value) if value not in ("", None) else None
+
+
+def summary(rows: List[dict]) -> Dict[tuple, dict]:
+    """Per (kernel, layout, arch, dtype, d): configs, the best interior loop, worst spills, whether all fit."""
+    groups: Dict[tuple, List[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(str(row[c]) for c in ("kernel", "layout", "arch", "dtype", "d")), []).append(row)
+    found = {}
+    for key, members in groups.items():
+        loops = [(_number(r["sass_per_element"]), _number(r["mufu_per_element"])) for r in members]
+        loops = [loop for loop in loops if loop[0] is not None]
+        best = min(loops) if loops else (None, None)
+        found[key] = {
+            "configs": len(members),
+            "sass": best[0],
+            "sass_worst": max(loops)[0] if loops else None,
+            "mufu": best[1],
+            "spill": max(int(r["spill_bytes"]) for r in members),
+            "fits": all(r["fits"] != "no" for r in members),
+        }
+    return found
+
+
+def comparison(before: List[dict], after: List[dict]) -> str:
+    """A markdown table: per kernel and case, before and after.
+
+    Each cell: SASS per element of the interior loop, best-worst over the pickable
+    configs (the best one's MUFU per element), the worst config's spill bytes, whether
+    all fit, how many configs.
+    """
+
+    def cell(entry: Optional[dict]) -> str:
+        if entry is None:
+            return "-"
+        worst = "" if entry["sass_worst"] == entry["sass"] else f"-{entry['sass_worst']:g}"
+        loop = "" if entry["sass"] is None else f"{entry['sass']:g}{worst} ({entry['mufu']:g} MUFU), "
+        fits = "" if entry["fits"] else ", **does not fit**"
+        return f"{loop}{entry['spill']} B spilled{fits}, {entry['configs']} cfg"
+
+    old, new = summary(before), summary(after)
+    lines = [
+        "| kernel | layout | arch | dtype | D | before | after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(set(old) | set(new), key=lambda k: (k[2], k[3], int(k[4] or 0), k[1], k[0])):
+        lines.append("| " + " | ".join(key) + f" | {cell(old.get(key))} | {cell(new.get(key))} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_PER_BLOCK), help="default: 90")
@@ -358,7 +409,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--d", type=int, action="append", choices=D_CLASSES, help="only these D classes")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA extension's kernels")
     parser.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or does not fit")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE_CSV", "AFTER_CSV"), help="only write compare.md")
     args = parser.parse_args(argv)
+    if args.compare:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "compare.md"), "w") as f:
+            f.write(comparison(*(read_csv(path) for path in args.compare)))
+        return 0
     if "macl_kernels.backends.triton" in sys.modules:
         raise RuntimeError("run benchmarks.codegen in its own process: the kernels must not be interpreted")
     os.environ["TRITON_INTERPRET"] = "0"  # read when triton.jit decorates the kernels, on their import

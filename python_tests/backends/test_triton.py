@@ -73,10 +73,11 @@ def tiny_tiles(monkeypatch):
 
 @needs_interpreter
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("n, d", [(8, 37), (16, 16), (13, 5)])
+@pytest.mark.parametrize("n, d", [(8, 37), (16, 16), (13, 5), (40, 5)])
 def test_block_edges_and_embedding_chunks(tiny_tiles, layout, n, d):
     # n = 8: ntxent's positives (r + 8) sit on a tile edge; n = 16: the diagonal and the
     # positives fill whole tiles; n = 13, d = 5: ragged everywhere. d = 37: three chunks.
+    # n = 40: interior tiles (no excluded column, no edge) between and after the masked ones.
     z0, z1, bank = make_views(n, d, torch.float64, seed=n + d, bank_rows=19)
     assert_matches_reference("triton", z0, z1, bank if layout == "queue" else None, layout=layout, reduction="none")
 

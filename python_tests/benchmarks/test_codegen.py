@@ -96,3 +96,17 @@ def test_check_fails_on_spills_and_shared_memory_only(tmp_path):
     codegen.write_csv([row, spilling], tmp_path / "codegen.csv")
     assert [r["spill_bytes"] for r in codegen.read_csv(tmp_path / "codegen.csv")] == ["0", "8"]
     assert codegen.markdown([row], "# t").count("\n| forward |") == 1
+
+
+def test_comparison_gives_the_range_over_configs_per_case():
+    def row(kernel, sass_per_element, spill):
+        row = {column: "" for column in codegen.COLUMNS}
+        row.update(kernel=kernel, layout="ntxent", arch="90", dtype="bf16", d="128", fits="yes")
+        row.update(sass_per_element=sass_per_element, mufu_per_element="1", spill_bytes=spill)
+        return row
+
+    before = [row("forward", "18.5", "0"), row("forward", "20", "16"), row("rows", "16", "0")]
+    after = [row("forward", "7.25", "0")]
+    table = codegen.comparison(before, after)
+    assert "| forward | ntxent | 90 | bf16 | 128 | 18.5-20 (1 MUFU), 16 B spilled, 2 cfg | 7.25 (1 MUFU), 0 B" in table
+    assert "| rows | ntxent | 90 | bf16 | 128 | 16 (1 MUFU), 0 B spilled, 1 cfg | - |" in table

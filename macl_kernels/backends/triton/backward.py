@@ -291,7 +291,7 @@ def rows_launch(
         COLS_CLASS=size_class(c),
         TF32=bool(tf32),
         SYMMETRIC=y is None,
-        BLOCK_D=block_d(d, x.element_size()),
+        BLOCK_D=block_d(d, x.element_size(), gradient=True),
     )
     kernel = rows_tuned if autotuned(m, c, x.dtype) else rows_fixed
     return Launch(kernel, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"])), args, out)
@@ -346,7 +346,7 @@ def columns_launch(
         ROWS_CLASS=size_class(m),
         COLS_CLASS=size_class(c),
         TF32=bool(tf32),
-        BLOCK_D=block_d(d, x.element_size()),
+        BLOCK_D=block_d(d, x.element_size(), gradient=True),
     )
     kernel = columns_tuned if autotuned(m, c, x.dtype) else columns_fixed
     return Launch(kernel, lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"])), args, out)

@@ -6,10 +6,11 @@ are walked in chunks), so each kernel is compiled for the widths actually used
 and the autotuner only picks the anchor/candidate tile and the pipeline depth.
 
 Compilation time is budgeted too (a GPU session has minutes): only tensor-core
-dots (fp16, bf16, fp32 with TF32) at sizes above ``SMALL_PROBLEM`` are
-autotuned, over four configs. IEEE fp32 and fp64 dots run on the FMA units,
-where a 128-row tile takes a minute to compile and gains little, so they and
-small problems use one 64 x 64 tile; the interpreter uses one tile as well.
+dots (fp16, bf16, fp32 as TF32 or tf32x3) at sizes above ``SMALL_PROBLEM`` are
+autotuned, over the configs the prune hook keeps. fp64 dots run on the FMA units
+and, like small problems, use one 64 x 64 tile; the interpreter uses one tile as well.
+The shape-derived flags (dot precision, one chunk or several, D a multiple of the
+chunk) are ``triton.heuristics``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import triton
 
 MAX_BLOCK_D = 256  # widest embedding chunk held in one tile
+MAX_GRADIENT_BLOCK_D = 128  # widest chunk of a gradient (fp32 accumulator) tile
 # One operand row of a tile in shared memory: 256 bf16/fp16, 128 fp32 or 64 fp64 values, so that
 # a 64 x BLOCK_D anchor tile and two stages of candidate tiles fit an A100's 164 KiB.
 MAX_ROW_BYTES = 512
@@ -123,8 +125,9 @@ def tile_footprint(config: triton.Config, itemsize: int, width: int, resident: s
 def pruner(resident: str, score_tiles: int):
     """The autotuner's prune hook: the configs that fit this GPU's shared memory and the register budget.
 
-    Also dropped: 8 warps on a 64-row resident tile (two warpgroups on 64 rows of a
-    wgmma spill in the column pass). The budgets come from the codegen report.
+    The backward passes also need one warpgroup (4 warps) per 64 resident rows: 8 warps
+    on 64 rows spill in the column pass, 4 warps on 128 rows in the row pass (fp16,
+    TF32). The budgets come from the codegen report.
     """
 
     def prune(configs, named_args, **kwargs):
@@ -132,10 +135,13 @@ def pruner(resident: str, score_tiles: int):
         itemsize, width = args["x_ptr"].element_size(), args["BLOCK_D"]
         limit = shared_memory_limit()
         kept = []
+        # Walking D in chunks keeps one more score tile live in the backward passes.
+        tiles = score_tiles + 1 if score_tiles and args["D"] > width else score_tiles
         for config in configs:
-            smem, regs = tile_footprint(config, itemsize, width, resident, score_tiles)
-            narrow = config.num_warps > 4 and config.kwargs[resident] < 128
-            if smem <= limit and regs <= TILE_REGISTERS and not narrow:
+            smem, regs = tile_footprint(config, itemsize, width, resident, tiles)
+            warps_per_row = config.num_warps / config.kwargs[resident]  # 4 or 8 warps on 64 or 128 rows
+            crowded = score_tiles and warps_per_row != 1 / 16  # one warpgroup per 64 resident rows
+            if smem <= limit and regs <= TILE_REGISTERS and not crowded:
                 kept.append(config)
         return kept or [configs[-1]]
 
@@ -159,9 +165,15 @@ def size_class(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
 
-def block_d(d: int, itemsize: int) -> int:
-    """The embedding chunk: all of D (rounded up to a power of two) when it fits in one tile."""
-    widest = MAX_BLOCK_D if INTERPRET else min(MAX_BLOCK_D, MAX_ROW_BYTES // itemsize)
+def block_d(d: int, itemsize: int, gradient: bool = False) -> int:
+    """The embedding chunk: all of D (rounded up to a power of two) when it fits in one tile.
+
+    Kernels that hold a ``gradient`` tile in fp32 registers take chunks of at most
+    ``MAX_GRADIENT_BLOCK_D`` on GPUs: wider ones spill (codegen report).
+    """
+    if INTERPRET:
+        return max(MIN_BLOCK_D, min(triton.next_power_of_2(d), MAX_BLOCK_D))
+    widest = min(MAX_BLOCK_D, MAX_ROW_BYTES // itemsize, MAX_GRADIENT_BLOCK_D if gradient else MAX_BLOCK_D)
     return max(MIN_BLOCK_D, min(triton.next_power_of_2(d), widest))
 
 

@@ -1,9 +1,12 @@
 """Forward: per block of anchors, an online log-sum-exp over the negatives' logits (MATH.md section 3).
 
 The candidate tiles stream past a block of anchor rows; each tile's similarities
-are formed with tl.dot, scaled by 1/tau (read from device memory), masked where a
-column is not a negative, and folded into a running maximum and running sum.
-Only the per-anchor log-sum-exp (M values) is written.
+are formed with tl.dot and folded into a running maximum and running sum in base 2
+(``exp2(s * log2(e)/tau - max)``: one FMA and one MUFU.EX2 per score, tau read from
+device memory). Interior tiles are not masked at all; only the few tiles that hold
+an anchor's excluded column (per anchor block, the tiles between the smallest and
+largest excluded column of each of the two exclusion slots) or the ragged edge are
+(helpers.tile_order). Only the per-anchor log-sum-exp (M values) is written.
 """
 
 from __future__ import annotations

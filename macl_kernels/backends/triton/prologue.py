@@ -300,7 +300,7 @@ def normalize_backward_launch(
         HAS_DCOS=grad_cos is not None,
         EPS=NORM_EPS,
         BLOCK_ROWS=rows,
-        BLOCK_D=block_d(d, z0.element_size()),
+        BLOCK_D=block_d(d, z0.element_size(), gradient=True),
     )
     return Launch(normalize_pair_backward_kernel, (triton.cdiv(n, rows),), args, (dz0, dz1))
 
