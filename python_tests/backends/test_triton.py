@@ -44,6 +44,7 @@ def test_embedding_chunks_fit_shared_memory_on_gpus(monkeypatch):
     monkeypatch.setattr(configs, "INTERPRET", False)
     assert [configs.block_d(256, 2), configs.block_d(256, 4), configs.block_d(129, 8)] == [256, 128, 64]
     assert [configs.block_d(1, 2), configs.block_d(100, 2), configs.block_d(100, 4)] == [64, 128, 128]
+    assert configs.block_d(256, 2, gradient=True) == 128  # fp32 gradient tiles wider than 128 spill
 
 
 def test_only_tensor_core_dots_at_large_sizes_are_autotuned():
@@ -52,6 +53,18 @@ def test_only_tensor_core_dots_at_large_sizes_are_autotuned():
     assert configs.autotuned(1024, 1024, torch.float32)  # TF32 or tf32x3
     assert not configs.autotuned(1024, 1024, torch.float64)  # FMA units, one tile
     assert not configs.autotuned(big // 1024 - 1, 1024, torch.bfloat16)  # small problem
+
+
+def test_prune_hook_keeps_configs_that_fit_and_do_not_spill(monkeypatch):
+    monkeypatch.setattr(configs, "shared_memory_limit", lambda: 163 * 1024)  # sm_80
+    gpu = configs.GPU_CONFIGS  # 128x64 w4 s3, 64x128 w4 s3, 128x128 w8 s3, 128x64 w8 s2, 64x64 w4 s2
+    x = torch.empty(1, 256, dtype=torch.bfloat16)
+    # Forward at D = 256: the 3-stage 128-wide candidate tiles overflow 163 KiB.
+    assert configs.pruner("BLOCK_M", 0)(gpu, {}, x_ptr=x, BLOCK_D=256, D=256) == [gpu[0], gpu[3], gpu[4]]
+    # Row pass at D = 128: 4 warps on a 128-row resident tile spill.
+    assert configs.pruner("BLOCK_M", 1)(gpu, {}, x_ptr=x, BLOCK_D=128, D=128) == gpu[1:]
+    # Column pass (two live score tiles, the candidates resident): only the small tile is left.
+    assert configs.pruner("BLOCK_N", 2)(gpu, {}, x_ptr=x, BLOCK_D=128, D=128) == [gpu[4]]
 
 
 def test_fp32_dots_are_tf32x3_unless_tf32_is_allowed():

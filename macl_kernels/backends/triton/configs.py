@@ -150,7 +150,7 @@ def pruner(resident: str, score_tiles: int):
 
 def tuned(kernel, resident: str = "BLOCK_M", score_tiles: int = 0):
     """``kernel`` autotuned over the GPU configs that fit (see :func:`pruner`), with the shape-derived flags."""
-    prune = {"early_config_prune": pruner(resident, score_tiles)}
+    prune = None if INTERPRET else {"early_config_prune": pruner(resident, score_tiles)}  # no GPU to fit
     return triton.autotune(configs=TUNED_CONFIGS, key=TUNING_KEY, prune_configs_by=prune)(
         triton.heuristics(HEURISTICS)(kernel)
     )
