@@ -136,9 +136,12 @@ def pruner(resident: str, score_tiles: int):
         limit = shared_memory_limit()
         kept = []
         # Walking D in chunks keeps one more score tile live in the backward passes.
-        tiles = score_tiles + 1 if score_tiles and args["D"] > width else score_tiles
+        chunked = args["D"] > width
+        tiles = score_tiles + 1 if score_tiles and chunked else score_tiles
         for config in configs:
             smem, regs = tile_footprint(config, itemsize, width, resident, tiles)
+            if chunked:  # the resident side is streamed chunk by chunk too (sm_80 report: 192 KiB)
+                smem += itemsize * width * (config.num_stages - 1) * config.kwargs[resident]
             warps_per_row = config.num_warps / config.kwargs[resident]  # 4 or 8 warps on 64 or 128 rows
             crowded = score_tiles and warps_per_row != 1 / 16  # one warpgroup per 64 resident rows
             if smem <= limit and regs <= TILE_REGISTERS and not crowded:
