@@ -25,6 +25,18 @@ def rows_per_block(num_candidates: int) -> int:
     return max(1, BLOCK_ELEMENTS // max(1, num_candidates))
 
 
+def row_blocks(num_rows: int, num_candidates: int):
+    """(start, stop) of each block of anchors.
+
+    Iterating over the number of blocks rather than over ``range(0, num_rows, step)``
+    lets torch.compile(dynamic=True) guard on that number instead of on the batch
+    size: one graph serves every batch that fits in as many blocks.
+    """
+    step = rows_per_block(num_candidates)
+    for block in range((num_rows + step - 1) // step):
+        yield block * step, (block + 1) * step
+
+
 def _block_logits(
     x_block: torch.Tensor, cand: torch.Tensor, excluded_block: torch.Tensor, inv_tau: torch.Tensor
 ) -> torch.Tensor:
@@ -43,9 +55,7 @@ class _ChunkedNegativeLSE(torch.autograd.Function):
         cand = x_acc if y is None else y.to(acc)
         inv_tau = tau.to(acc).reciprocal()
         lse = torch.empty(x.shape[0], dtype=acc, device=x.device)
-        step = rows_per_block(cand.shape[0])
-        for start in range(0, x.shape[0], step):
-            stop = start + step
+        for start, stop in row_blocks(x.shape[0], cand.shape[0]):
             logits = _block_logits(x_acc[start:stop], cand, excluded[start:stop], inv_tau)
             lse[start:stop] = torch.logsumexp(logits, dim=1)
         ctx.save_for_backward(x, y, excluded, tau, lse)
@@ -62,9 +72,7 @@ class _ChunkedNegativeLSE(torch.autograd.Function):
         scale = grad_lse.to(acc) * inv_tau  # h_r / tau
         dx = torch.empty_like(x_acc)
         dcand = torch.zeros_like(cand) if need_dy else None
-        step = rows_per_block(cand.shape[0])
-        for start in range(0, x.shape[0], step):
-            stop = start + step
+        for start, stop in row_blocks(x.shape[0], cand.shape[0]):
             logits = _block_logits(x_acc[start:stop], cand, excluded[start:stop], inv_tau)
             weights = logits.sub_(lse[start:stop, None]).exp_().mul_(scale[start:stop, None])
             dx[start:stop] = weights @ cand
