@@ -60,7 +60,7 @@ class MACLConfig:
 def _check_real(name: str, value, *, positive: bool = False, non_negative: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # not math.isfinite: dynamo cannot trace it on a symbolic float (dynamic=True)
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")

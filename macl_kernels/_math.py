@@ -59,20 +59,36 @@ class _AnchorLoss(torch.autograd.Function):
     """Per-anchor loss from d = l+ - LSE-, with V detached (MATH.md section 4).
 
     Autograd of the closed form would multiply an overflowing V by an underflowing
-    sigmoid; the slope is exact and finite, so it is written out instead.
+    sigmoid; the slope is exact and finite, so it is written out instead. The
+    backward is itself differentiable with V still a constant, so that higher-order
+    gradients are exact where the rest of the path is (``create_graph=True``,
+    nested ``torch.func.grad``).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, d: torch.Tensor, reweight: bool, eps: float) -> torch.Tensor:
+    def forward(d: torch.Tensor, reweight: bool, eps: float) -> torch.Tensor:
+        return anchor_loss_value(d, reweight, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        d, reweight, eps = inputs
         ctx.save_for_backward(d)
         ctx.reweight = reweight
         ctx.eps = eps
-        return anchor_loss_value(d, reweight, eps)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (d,) = ctx.saved_tensors
-        return -grad * anchor_loss_slope(d, ctx.reweight, ctx.eps), None, None
+        slope = anchor_loss_slope(d.detach(), ctx.reweight, ctx.eps)
+        if torch.is_grad_enabled():
+            # The backward is being recorded: the slope as a function of d with V frozen is
+            # V * sigmoid(-d) = slope * exp(logsigmoid(-d) - its value now), which is exactly the
+            # slope here and has the derivative -slope * sigmoid(d), without forming V.
+            log_one_minus_p = F.logsigmoid(-d)
+            slope = slope * torch.exp(log_one_minus_p - log_one_minus_p.detach())
+        return -grad * slope, None, None
 
 
 def anchor_loss(d: torch.Tensor, cfg: MACLConfig) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ._autograd import once_differentiable, register_autograd
 from ._math import accumulation_dtype
 
 BUILD_HINT = (
@@ -49,7 +50,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 def negative_lse(x: torch.Tensor, y: Optional[torch.Tensor], excluded: torch.Tensor, tau: torch.Tensor):
     """The backend contract's negatives' log-sum-exp through the compiled op (differentiable)."""
-    return torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
+    return _differentiable_negative_lse(x, y, excluded, tau)
 
 
 def _fake_negative_lse(x, y, excluded, tau):
@@ -67,6 +68,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_y = y is not None
 
 
+@once_differentiable
 def _backward(ctx, grad_lse):
     x, y, excluded, tau, lse = ctx.saved_tensors
     need_dy = ctx.has_y and ctx.needs_input_grad[1]
@@ -78,4 +80,6 @@ def _backward(ctx, grad_lse):
 if LOAD_ERROR is None:
     torch.library.register_fake(OP)(_fake_negative_lse)
     torch.library.register_fake(BACKWARD_OP)(_fake_negative_lse_backward)
-    torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+    _differentiable_negative_lse = register_autograd(
+        torch.ops.macl_kernels.negative_lse.default, _backward, setup_context=_setup_context
+    )

@@ -85,19 +85,42 @@ class _GatherRows(torch.autograd.Function):
     """All ranks' rows in rank order; backward sums the gradient across ranks and returns the own rows."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+    def forward(rows: torch.Tensor) -> torch.Tensor:
         rows = rows.contiguous()
         parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, rows)
-        ctx.start = dist.get_rank() * rows.shape[0]
-        ctx.count = rows.shape[0]
         return torch.cat(parts)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _SumOwnRows.apply(grad)  # every rank's loss depends on this rank's rows
+
+
+class _SumOwnRows(torch.autograd.Function):
+    """The backward of :class:`_GatherRows`: the sum across ranks, this rank's rows of it.
+
+    The two are adjoint, so each one's backward is the other: a recorded backward
+    (``create_graph=True``) gives exact higher-order gradients across ranks.
+    """
+
+    @staticmethod
+    def forward(grad: torch.Tensor) -> torch.Tensor:
         total = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
-        dist.all_reduce(total)  # every rank's loss depends on this rank's rows
-        return total[ctx.start : ctx.start + ctx.count]
+        dist.all_reduce(total)
+        count = grad.shape[0] // dist.get_world_size()
+        return total[dist.get_rank() * count : (dist.get_rank() + 1) * count]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _GatherRows.apply(grad)
 
 
 def gather_rows(rows: torch.Tensor) -> torch.Tensor:

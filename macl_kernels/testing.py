@@ -22,6 +22,7 @@ __all__ = [
     "LAYOUTS",
     "TOLERANCE",
     "assert_compiled_matches_eager",
+    "assert_dynamic_compile_matches_eager",
     "assert_matches_reference",
     "assert_rel_close",
     "bitwise_equal",
@@ -203,3 +204,49 @@ def peak_rss_mb(n: int, d: int, backend: str) -> float:
         [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(n), str(d), backend], check=True, capture_output=True, text=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def assert_dynamic_compile_matches_eager(
+    backend: str,
+    layout: str,
+    *,
+    compiler: str,
+    sizes: Sequence[int] = (16, 24, 40),
+    device: str = "cpu",
+    d: int = 8,
+    tol: float = 1e-5,
+) -> None:
+    """``torch.compile(dynamic=True, fullgraph=True)`` of a training step: one graph for every N in ``sizes``.
+
+    At each N the compiled loss and the encoder's gradient equal eager's, and the
+    step is compiled once (a recompilation per N would defeat dynamic shapes).
+    """
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    encoder = torch.nn.Linear(d, d).to(device)
+    bank = make_views(2, d, seed=0, device=device, bank_rows=5)[2] if layout == "queue" else None
+
+    def step(a, b):
+        return mk.macl_loss(encoder(a), encoder(b), negatives=bank, layout=layout, backend=backend)
+
+    def loss_and_encoder_grad(fn, a, b):
+        encoder.zero_grad()
+        loss = fn(a, b)
+        loss.backward()
+        return loss.detach(), encoder.weight.grad.clone()
+
+    counter = CompileCounterWithBackend(compiler)
+    compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
+    compilations = []
+    for n in sizes:
+        z0, z1, _ = make_views(n, d, seed=n, device=device)
+        eager_loss, eager_grad = loss_and_encoder_grad(step, z0, z1)
+        compiled_loss, compiled_grad = loss_and_encoder_grad(compiled, z0, z1)
+        assert_rel_close(compiled_loss, eager_loss, tol, f"{backend} compiled loss at N={n}")
+        assert_rel_close(compiled_grad, eager_grad, tol, f"{backend} compiled encoder gradient at N={n}")
+        compilations.append(counter.frame_count)
+    # The first call may hand the backend more than one graph (dynamo restarts its analysis once
+    # to turn the float settings into tensors); the later sizes must add none.
+    assert compilations[1:] == compilations[:1] * (len(sizes) - 1), (
+        f"{backend}: graphs compiled so far after each N in {tuple(sizes)}: {compilations} (recompiled)"
+    )

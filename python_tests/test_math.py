@@ -72,3 +72,24 @@ def test_anchor_loss_gradcheck_without_reweighting():
     d = torch.linspace(-6, 6, 9, dtype=torch.float64, requires_grad=True)
     cfg = MACLConfig(reweight=False)
     assert torch.autograd.gradcheck(lambda t: anchor_loss(t, cfg), (d,))
+
+
+@pytest.mark.parametrize("reweight, eps", [(False, 0.0), (True, 1e-8), (True, 0.0), (True, 0.3)])
+def test_anchor_loss_second_derivative_holds_v_constant(reweight, eps):
+    """Double backward through the per-anchor loss equals autograd of the closed form with V detached."""
+    weights = torch.linspace(0.5, 1.5, 7, dtype=torch.float64)
+
+    def second_derivative(loss_of_d, d_values):
+        d = d_values.clone().requires_grad_(True)
+        (first,) = torch.autograd.grad(loss_of_d(d).sum(), d, create_graph=True)
+        return torch.autograd.grad((first * weights).sum(), d)[0]
+
+    def closed_form(d):
+        v = 1 / (torch.sigmoid(-d) + eps) if reweight else torch.ones_like(d)
+        return torch.nn.functional.softplus(-d) * v.detach()
+
+    d = D_VALUES[2:9]  # -5 <= d <= 80: torch's softplus is linear, hence inexact here, beyond 20
+    got = second_derivative(lambda t: anchor_loss(t, MACLConfig(reweight=reweight, eps=eps)), d)
+    torch.testing.assert_close(got, second_derivative(closed_form, d), rtol=1e-10, atol=1e-300)
+    extreme = second_derivative(lambda t: anchor_loss(t, MACLConfig(reweight=reweight, eps=eps)), D_VALUES[-7:])
+    assert torch.isfinite(extreme).all()

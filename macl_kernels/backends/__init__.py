@@ -11,7 +11,7 @@ from typing import Dict, List
 import torch
 
 from .base import Backend
-from .cpp import CPP, CUDA
+from .compiled import CPP, CUDA
 from .torch_chunked import TorchBackend
 from .triton import TritonBackend
 

@@ -37,6 +37,9 @@ class Backend:
 
     name: str = ""
     devices: str = ""  # human-readable, for error messages and the README table
+    # Whether autograd can differentiate the backward again (create_graph=True, nested torch.func.grad).
+    # If not, a higher-order gradient raises macl_kernels._autograd.HIGHER_ORDER_ERROR, never a wrong number.
+    twice_differentiable: bool = False
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None if this backend can run on ``device``, else why not and how to fix it."""

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .._autograd import refuse_vmap
 from .._math import accumulation_dtype
 from .base import Backend
 
@@ -23,6 +24,18 @@ BLOCK_ELEMENTS = 1 << 22
 
 def rows_per_block(num_candidates: int) -> int:
     return max(1, BLOCK_ELEMENTS // max(1, num_candidates))
+
+
+def row_blocks(num_rows: int, num_candidates: int):
+    """(start, stop) of each block of anchors.
+
+    Iterating over the number of blocks rather than over ``range(0, num_rows, step)``
+    lets torch.compile(dynamic=True) guard on that number instead of on the batch
+    size: one graph serves every batch that fits in as many blocks.
+    """
+    step = rows_per_block(num_candidates)
+    for block in range((num_rows + step - 1) // step):
+        yield block * step, (block + 1) * step
 
 
 def _block_logits(
@@ -36,20 +49,29 @@ def _block_logits(
 
 
 class _ChunkedNegativeLSE(torch.autograd.Function):
+    """The op, block by block. Its backward is written in differentiable operations
+    (nothing that autograd needs is overwritten in place), so higher-order gradients
+    through this backend are exact; a recorded backward keeps its tiles, O(M * C).
+    """
+
+    vmap = staticmethod(refuse_vmap)
+
     @staticmethod
-    def forward(ctx, x, y, excluded, tau):
+    def forward(x, y, excluded, tau):
         acc = accumulation_dtype(x.dtype)
         x_acc = x.to(acc)
         cand = x_acc if y is None else y.to(acc)
         inv_tau = tau.to(acc).reciprocal()
         lse = torch.empty(x.shape[0], dtype=acc, device=x.device)
-        step = rows_per_block(cand.shape[0])
-        for start in range(0, x.shape[0], step):
-            stop = start + step
+        for start, stop in row_blocks(x.shape[0], cand.shape[0]):
             logits = _block_logits(x_acc[start:stop], cand, excluded[start:stop], inv_tau)
             lse[start:stop] = torch.logsumexp(logits, dim=1)
-        ctx.save_for_backward(x, y, excluded, tau, lse)
         return lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, excluded, tau = inputs
+        ctx.save_for_backward(x, y, excluded, tau, output)
 
     @staticmethod
     def backward(ctx, grad_lse):
@@ -59,17 +81,15 @@ class _ChunkedNegativeLSE(torch.autograd.Function):
         x_acc = x.to(acc)
         cand = x_acc if y is None else y.to(acc)
         inv_tau = tau.to(acc).reciprocal()
-        scale = grad_lse.to(acc) * inv_tau  # h_r / tau
+        scale = (grad_lse.to(acc) * inv_tau)[:, None]  # h_r / tau, applied to the O(rows * D) products
         dx = torch.empty_like(x_acc)
         dcand = torch.zeros_like(cand) if need_dy else None
-        step = rows_per_block(cand.shape[0])
-        for start in range(0, x.shape[0], step):
-            stop = start + step
+        for start, stop in row_blocks(x.shape[0], cand.shape[0]):
             logits = _block_logits(x_acc[start:stop], cand, excluded[start:stop], inv_tau)
-            weights = logits.sub_(lse[start:stop, None]).exp_().mul_(scale[start:stop, None])
-            dx[start:stop] = weights @ cand
+            probs = logits.sub_(lse[start:stop, None]).exp_()  # E = scale * probs, never modified again
+            dx[start:stop] = scale[start:stop] * (probs @ cand)
             if dcand is not None:
-                dcand.addmm_(weights.T, x_acc[start:stop])
+                dcand.addmm_(probs.T, scale[start:stop] * x_acc[start:stop])
         if y is None:
             return (dx + dcand).to(x.dtype), None, None, None
         dy = None if dcand is None else dcand.to(y.dtype)
@@ -79,6 +99,7 @@ class _ChunkedNegativeLSE(torch.autograd.Function):
 class TorchBackend(Backend):
     name = "torch"
     devices = "any (pure PyTorch)"
+    twice_differentiable = True
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         return None

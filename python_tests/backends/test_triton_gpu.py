@@ -12,6 +12,7 @@ import macl_kernels as mk
 from macl_kernels._fused import layout_exclusions
 from macl_kernels.testing import (
     assert_compiled_matches_eager,
+    assert_dynamic_compile_matches_eager,
     assert_matches_reference,
     bitwise_equal,
     loss_and_grads,
@@ -92,6 +93,11 @@ def test_training_step_captures_in_a_cuda_graph():
 @pytest.mark.parametrize("layout", ["ntxent", "queue"])
 def test_inductor_compiled_step_matches_eager(layout):
     assert_compiled_matches_eager("triton", layout, compiler="inductor", device=DEVICE, n=256, d=64)
+
+
+def test_inductor_dynamic_step_is_one_graph_for_every_batch_size():
+    """dynamic=True with the triton_ops inside inductor's graph: N = 16, 24, 40 through one graph."""
+    assert_dynamic_compile_matches_eager("triton", "ntxent", compiler="inductor", device=DEVICE, d=64)
 
 
 def test_opcheck_of_the_triton_ops():

@@ -58,8 +58,8 @@ class TritonBackend(Backend):
         return f"Triton kernels run on CUDA devices, not on {device.type}"
 
     def normalize(self, z0, z1):
-        u0, u1, positive_cos, _, _ = ops.normalize(z0, z1)
+        u0, u1, positive_cos, _, _ = ops.differentiable_normalize(z0, z1)
         return u0, u1, positive_cos
 
     def negative_lse(self, x, y, excluded, tau):
-        return ops.negative_lse(x, y, excluded, tau, fp32_dots_use_tf32())
+        return ops.differentiable_negative_lse(x, y, excluded, tau, fp32_dots_use_tf32())

@@ -5,8 +5,9 @@ kernels inside them (``wrap_triton``) and can trace a whole training step with
 ``fullgraph=True``. Under ``TRITON_INTERPRET=1`` a kernel is a Python function
 that needs real data and cannot become a graph node, so the same functions are
 registered as opaque ``custom_op`` s instead; schemas, fakes and autograd are
-identical either way. The backward ops are plain (not differentiable): the loss
-has no double backward.
+identical either way. The backward ops are plain (not differentiable), so the
+formulas are once differentiable (:mod:`macl_kernels._autograd`); the backend calls
+the ``differentiable_*`` forms, which ``torch.func`` accepts too.
 
 No ``from __future__ import annotations`` here: the schemas are inferred from the
 annotations at runtime.
@@ -16,6 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..._autograd import once_differentiable, register_autograd
 from ..._math import accumulation_dtype
 from . import backward, forward, prologue
 from .configs import INTERPRET
@@ -76,6 +78,7 @@ def _normalize_setup(ctx, inputs, output):
     ctx.save_for_backward(z0, z1, norm0, norm1)
 
 
+@once_differentiable
 def _normalize_grad(ctx, grad_u0, grad_u1, grad_cos, _grad_norm0, _grad_norm1):
     z0, z1, norm0, norm1 = ctx.saved_tensors
     if grad_u0 is None and grad_u1 is None and grad_cos is None:
@@ -83,7 +86,7 @@ def _normalize_grad(ctx, grad_u0, grad_u1, grad_cos, _grad_norm0, _grad_norm1):
     return normalize_backward(z0, z1, norm0, norm1, grad_u0, grad_u1, grad_cos)
 
 
-normalize.register_autograd(_normalize_grad, setup_context=_normalize_setup)
+differentiable_normalize = register_autograd(normalize, _normalize_grad, setup_context=_normalize_setup)
 
 
 # -- the negatives' log-sum-exp ------------------------------------------------------------------
@@ -145,6 +148,7 @@ def _negative_lse_setup(ctx, inputs, output):
     ctx.save_for_backward(x, y, excluded, tau, output)
 
 
+@once_differentiable
 def _negative_lse_grad(ctx, grad_lse):
     x, y, excluded, tau, lse = ctx.saved_tensors
     if y is None:  # anchors = candidates: dx = (E + E^T) x in one symmetric row pass
@@ -155,4 +159,4 @@ def _negative_lse_grad(ctx, grad_lse):
     return dx, dy, None, None, None
 
 
-negative_lse.register_autograd(_negative_lse_grad, setup_context=_negative_lse_setup)
+differentiable_negative_lse = register_autograd(negative_lse, _negative_lse_grad, setup_context=_negative_lse_setup)

@@ -9,6 +9,9 @@ kernel PyTorch dispatches by the inputs' device:
 - ``cuda``: tensor-core (WMMA) tiles for fp16/bf16 inputs and CUDA-core tiles for
   fp32/fp64, an online log-sum-exp per anchor in the forward, and a deterministic
   backward: a pass that owns row blocks and a pass that owns column blocks.
+
+The op's autograd formula is in :mod:`macl_kernels._ops`; its backward is a kernel,
+so both backends are once differentiable.
 """
 
 from __future__ import annotations
