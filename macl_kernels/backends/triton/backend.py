@@ -2,9 +2,10 @@
 
 Triton and the kernels (:mod:`.ops`) are imported when the backend is first asked
 for on a device it can run on, not with ``macl_kernels``: importing triton and
-``torch._inductor`` (which ``torch.library.triton_op`` pulls in) costs about a
-second and 150 MB that a user of the CPU backends should not pay. Whether triton
-is installed is known without importing it. Under ``torch.compile`` the first
+``torch._inductor`` (which ``torch.library.triton_op`` pulls in) takes longer than
+the rest of the package and much memory, which a user of the CPU backends should
+not pay for (python_tests/test_import.py). Whether triton is installed is known
+without importing it. Under ``torch.compile`` the first
 import can happen while dynamo traces the backend's resolution:
 :func:`load_kernels` is then run as plain Python, not traced, so the ops are
 registered before dynamo reaches them.
@@ -39,7 +40,7 @@ def constant_under_compile(fn):
 
     Dynamo calls such a function as plain Python when it meets it and uses the result
     as a constant. The decorator only sets this attribute, but importing it imports
-    dynamo, and with it triton and inductor: the second this module saves.
+    dynamo, and with it triton and inductor: what this module avoids.
     python_tests/test_import.py checks that the attribute is still what it sets.
     """
     fn._dynamo_marked_constant = True
@@ -55,7 +56,7 @@ def load_kernels() -> Optional[str]:
             importlib.import_module(KERNELS)
         except ImportError as error:  # triton too old or broken
             IMPORT_ERROR = f"{type(error).__name__}: {error}"
-    return None if IMPORT_ERROR is None else str(IMPORT_ERROR)
+    return IMPORT_ERROR
 
 
 @constant_under_compile
