@@ -10,6 +10,8 @@ from typing import Dict
 
 import torch
 
+import macl_kernels
+
 
 def _cpu_name() -> str:
     try:
@@ -51,6 +53,7 @@ def describe(device: str) -> Dict[str, str]:
         "host": cpu,
         "os": platform.platform(),
         "python": platform.python_version(),
+        "macl_kernels": macl_kernels.__version__,
         "torch": torch.__version__,
         "triton": _version("triton"),
         "cuda": torch.version.cuda or "none",

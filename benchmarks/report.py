@@ -13,7 +13,7 @@ from .presets import BASELINES, LIGHTLY
 COLUMNS = [
     "backend", "op", "layout", "mode", "n", "d", "dtype",
     "status", "median_s", "min_s", "runs", "peak_mib", "gflops", "loss", "note",
-    "device", "device_name", "torch", "triton", "date",
+    "device", "device_name", "macl_kernels", "torch", "triton", "date",
 ]  # fmt: skip
 NUMERIC = {"n": int, "d": int, "runs": int, "median_s": float, "min_s": float, "peak_mib": float, "gflops": float}
 MODE_LABEL = {"fwd": "forward", "fwd_bwd": "forward + backward"}
@@ -35,7 +35,7 @@ def make_row(case: Case, outcome: Outcome, env: Dict[str, str]) -> Row:
             gflops=case.flops() / result["median_s"] / 1e9,
             loss=result["loss"],
         )
-    row.update({k: env[k] for k in ("device", "device_name", "torch", "triton", "date")})
+    row.update({k: env[k] for k in ("device", "device_name", "macl_kernels", "torch", "triton", "date")})
     return row
 
 

@@ -11,7 +11,7 @@ from ._stats import MACLStats
 from .backends import available_backends, known_backends
 from .loss import MACLLoss, NTXentLoss, macl_loss, nt_xent_loss
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (setup.py reads it)
 
 __all__ = [
     "MACLConfig",

@@ -18,8 +18,10 @@ from ._autograd import once_differentiable, register_autograd
 from ._math import accumulation_dtype
 
 BUILD_HINT = (
-    "build it with `make install` (or `pip install --no-build-isolation -e .` with torch installed; "
-    "MACL_KERNELS_FORCE_CUDA=1 and CUDA_HOME add the CUDA kernels)"
+    "the ops compile against the installed torch: build them with `pip install --no-build-isolation .` "
+    "(a plain `pip install .` builds without torch and stops), `make install` in a clone, or install a wheel "
+    "built for this torch (its version says which, e.g. +torch2.14.1.cu130); MACL_KERNELS_CUDA=1 and CUDA_HOME "
+    "add the CUDA kernels"
 )
 
 try:
@@ -27,7 +29,7 @@ try:
 
     LOAD_ERROR: Optional[str] = None
 except (ImportError, OSError) as exc:  # not built, or built against another torch
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}; torch is {torch.__version__}"
 
 OP = "macl_kernels::negative_lse"
 BACKWARD_OP = "macl_kernels::negative_lse_backward"

@@ -35,9 +35,14 @@ def test_unavailable_reason_says_how_to_enable_it(monkeypatch):
     backend = triton_backend.TritonBackend()
     monkeypatch.setattr(backend_module, "INTERPRET", False)
     assert "TRITON_INTERPRET=1" in backend.unavailable_reason(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA device" in backend.unavailable_reason(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert backend.unavailable_reason(torch.device("cuda")) is None
-    monkeypatch.setattr(backend_module, "IMPORT_ERROR", ImportError("no module named triton"))
+    monkeypatch.setattr(backend_module, "IMPORT_ERROR", "ImportError: cannot import name 'knobs' from 'triton'")
     assert "pip install triton" in backend.unavailable_reason(torch.device("cuda"))
+    monkeypatch.setattr(backend_module, "TRITON_INSTALLED", False)
+    assert "triton is not installed" in backend.unavailable_reason(torch.device("cuda"))
 
 
 def test_embedding_chunks_fit_shared_memory_on_gpus(monkeypatch):

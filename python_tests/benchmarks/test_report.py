@@ -14,6 +14,7 @@ ENV = {
     "host": "test host",
     "os": "test OS",
     "python": "3",
+    "macl_kernels": "0.1.0",
     "torch": "2",
     "triton": "3",
     "cuda": "none",

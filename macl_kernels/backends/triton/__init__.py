@@ -9,6 +9,9 @@ One module per kernel stage, in the spirit of Cut Cross-Entropy:
 - :mod:`.configs`: tile shapes and autotuning; :mod:`.launch`: host-side launch helpers;
 - :mod:`.ops`: the ``torch.library`` operators (fake kernels, autograd);
 - :mod:`.backend`: the :class:`TritonBackend` the registry uses.
+
+Importing this package imports only :mod:`.backend`: triton and the kernel modules
+come in when the backend is first asked for (see there).
 """
 
 from .backend import TritonBackend

@@ -1,31 +1,65 @@
 """``backend="triton"``: the fused Triton kernels behind the :class:`~macl_kernels.backends.base.Backend` contract.
 
-Triton and the kernels are imported with this module when triton is importable;
-on CPU tensors they run only in Triton's interpreter, which is chosen when
-``triton.jit`` decorates, so ``TRITON_INTERPRET=1`` must be set before
+Triton and the kernels (:mod:`.ops`) are imported when the backend is first asked
+for on a device it can run on, not with ``macl_kernels``: importing triton and
+``torch._inductor`` (which ``torch.library.triton_op`` pulls in) takes longer than
+the rest of the package and much memory, which a user of the CPU backends should
+not pay for (python_tests/test_import.py). Whether triton is installed is known
+without importing it. Under ``torch.compile`` the first
+import can happen while dynamo traces the backend's resolution:
+:func:`load_kernels` is then run as plain Python, not traced, so the ops are
+registered before dynamo reaches them.
+
+On CPU tensors the kernels run only in Triton's interpreter, which is chosen when
+``triton.jit`` decorates them, so ``TRITON_INTERPRET=1`` must be set before
 ``macl_kernels`` is imported.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
 from typing import Optional
 
 import torch
 
 from ..base import Backend
 
-try:
-    from . import ops
-    from .configs import INTERPRET
-
-    IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as error:  # triton missing or too old
-    ops = None
-    INTERPRET = False
-    IMPORT_ERROR = error
+# Read once, like configs.INTERPRET, which the kernels read when they are imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+KERNELS = f"{__package__}.ops"  # importing it imports triton and registers the ops
+INSTALL_HINT = "install it with `pip install triton` (or `pip install 'macl_kernels[triton]'`)"
+IMPORT_ERROR: Optional[str] = None  # why importing the kernels failed, once it did
 
 
-@torch.compiler.assume_constant_result
+def constant_under_compile(fn):
+    """``torch.compiler.assume_constant_result``, without importing ``torch._dynamo``.
+
+    Dynamo calls such a function as plain Python when it meets it and uses the result
+    as a constant. The decorator only sets this attribute, but importing it imports
+    dynamo, and with it triton and inductor: what this module avoids.
+    python_tests/test_import.py checks that the attribute is still what it sets.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_under_compile
+def load_kernels() -> Optional[str]:
+    """Import triton and the kernels once; None, or why that failed (remembered, not retried)."""
+    global IMPORT_ERROR
+    if IMPORT_ERROR is None and KERNELS not in sys.modules:
+        try:
+            importlib.import_module(KERNELS)
+        except ImportError as error:  # triton too old or broken
+            IMPORT_ERROR = f"{type(error).__name__}: {error}"
+    return IMPORT_ERROR
+
+
+@constant_under_compile
 def fp32_dots_use_tf32() -> bool:
     """Whether fp32 dots may use TF32, as ``torch.backends.cuda.matmul`` says (IEEE by default).
 
@@ -46,20 +80,29 @@ class TritonBackend(Backend):
     devices = "CUDA (Ampere, Hopper); CPU tensors only under TRITON_INTERPRET=1"
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
-        if IMPORT_ERROR is not None:
-            return f"triton is not importable ({IMPORT_ERROR}); install it with `pip install triton`"
-        if device.type == "cuda" or INTERPRET:
-            return None
-        if device.type == "cpu":
+        if not TRITON_INSTALLED:
+            return f"triton is not installed; {INSTALL_HINT}"
+        if device.type == "cpu" and not INTERPRET:
             return (
                 "Triton kernels need a CUDA device; on the CPU they run only in Triton's interpreter: "
                 "set TRITON_INTERPRET=1 before importing macl_kernels"
             )
-        return f"Triton kernels run on CUDA devices, not on {device.type}"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton kernels run on CUDA devices, not on {device.type}"
+        error = load_kernels()
+        if error is not None:
+            return f"triton is installed but the kernels do not import ({error}); {INSTALL_HINT}"
+        return None
 
     def normalize(self, z0, z1):
+        from . import ops  # imported by load_kernels already: a lookup in sys.modules
+
         u0, u1, positive_cos, _, _ = ops.differentiable_normalize(z0, z1)
         return u0, u1, positive_cos
 
     def negative_lse(self, x, y, excluded, tau):
+        from . import ops
+
         return ops.differentiable_negative_lse(x, y, excluded, tau, fp32_dots_use_tf32())

@@ -1,0 +1,10 @@
+"""benchmarks/machine.py: what every benchmark row and machine.json record about the run."""
+
+import macl_kernels as mk
+from benchmarks import machine, report
+
+
+def test_the_package_version_is_recorded():
+    env = machine.describe("cpu")
+    assert env["macl_kernels"] == mk.__version__
+    assert "macl_kernels" in report.COLUMNS  # the CSV column make_row fills from it
