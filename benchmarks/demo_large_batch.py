@@ -64,7 +64,7 @@ def run(
     if chunk:
         embed_and_loss = mk.GradCache(model, loss_fn, chunk)
     else:
-        embed_and_loss = lambda v0, v1: loss_fn(model(v0), model(v1))  # noqa: E731
+        embed_and_loss = lambda v0, v1: loss_fn(model(v0), model(v1))
     generator = torch.Generator().manual_seed(0)
     losses = []
 

@@ -43,7 +43,7 @@ class _Flat:
 
 
 def _flatten(tree: Any, path: str) -> _Flat:
-    """Leaves of a (nested) dict / list / tuple of tensors, depth first; rebuilds dicts, lists, (named)tuples."""
+    """Leaves of a (nested) mapping / list / tuple of tensors, depth first; rebuilds dicts, lists, (named)tuples."""
     if isinstance(tree, torch.Tensor):
         if tree.dim() == 0:
             raise TypeError(f"{path} is a 0-dim tensor; GradCache splits every input tensor along dim 0")
@@ -51,9 +51,8 @@ def _flatten(tree: Any, path: str) -> _Flat:
     if isinstance(tree, Mapping):
         keys = list(tree.keys())
         parts = [_flatten(tree[k], f"{path}[{k!r}]") for k in keys]
-        make = type(tree) if isinstance(tree, dict) else dict
         rebuild_parts = _parts_rebuilder(parts)
-        return _joined(parts, lambda leaves: make(zip(keys, rebuild_parts(leaves))))
+        return _joined(parts, lambda leaves: dict(zip(keys, rebuild_parts(leaves))))  # any Mapping: a dict
     if isinstance(tree, (list, tuple)):
         parts = [_flatten(item, f"{path}[{i}]") for i, item in enumerate(tree)]
         make, rebuild_parts = type(tree), _parts_rebuilder(parts)
@@ -225,7 +224,7 @@ class _CachedEmbeddings(torch.autograd.Function):
         for tower in plan.towers:
             mine = inputs[offset : offset + tower.count]
             offset += tower.count
-            save_rng = lambda tower=tower: tower.rng.append(_RngState.capture(plan.cuda_devices))  # noqa: E731
+            save_rng = lambda tower=tower: tower.rng.append(_RngState.capture(plan.cuda_devices))
             z = _embed(tower, mine, plan.bounds, save_rng)
             tower.embedding = (z.shape, z.dtype)
             embeddings.append(z)
@@ -301,8 +300,9 @@ class GradCache:
 
     - ``x0``, ``x1``: tensors, or (nested) dicts / lists / tuples of tensors, all
       with the same size N along dim 0, which is what gets split (images,
-      tokenized text). The encoders receive chunks of the same structure and
-      must return a floating-point tensor with one row per input row.
+      tokenized text). The encoders receive chunks of the same structure
+      (mappings as dicts) and must return a floating-point tensor with one row
+      per input row.
     - ``encoder1``: a second tower (CLIP-style); by default ``encoder`` embeds both.
     - ``loss_fn(z0, z1, **loss_kwargs)``: any loss of this package (``mk.macl_loss``,
       ``mk.MACLLoss(...)``, a ``functools.partial``) or any function of the two
@@ -364,7 +364,7 @@ class GradCache:
             anchor = torch.empty(0, requires_grad=True)  # makes the embeddings require grad, hence the second pass
             z0, z1 = _CachedEmbeddings.apply(plan, anchor, *flat0.tensors, *flat1.tensors)
         else:  # evaluation: one chunked pass, nothing to replay
-            nothing = lambda: None  # noqa: E731
+            nothing = lambda: None
             z0, z1 = (_embed(tower, flat.tensors, bounds, nothing) for tower, flat in zip(towers, (flat0, flat1)))
         return self.loss_fn(z0, z1, **loss_kwargs)
 

@@ -402,3 +402,23 @@ def test_peak_memory_grows_with_the_chunk_not_with_the_batch():
     assert uncached_large > 3 * uncached_small, "the probe sees the activations grow with N"
     assert cached_large - cached_small < 0.2 * uncached_growth, (cached_small, cached_large, uncached_growth)
     assert cached_large < 0.25 * uncached_large
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_cuda_dropout_and_fp16_autocast_are_replayed():
+    torch.manual_seed(3)
+    encoder = mlp().cuda()
+    x0, x1 = (inputs_for(encoder, torch.float32, seed).cuda() for seed in (1, 2))
+
+    def step(cached: bool):
+        torch.manual_seed(0)  # seeds the CUDA generator too: both steps draw the same masks in the first pass
+        with torch.autocast("cuda", dtype=torch.float16):
+            z = None if cached else (chunked(encoder, x0, 4), chunked(encoder, x1, 4))
+            loss = mk.GradCache(encoder, mk.macl_loss, 4)(x0, x1) if cached else mk.macl_loss(*z)
+        torch.amp.GradScaler("cuda", init_scale=2.0**10).scale(loss).backward()
+        return parameter_grads(encoder), torch.rand(3, device="cuda")
+
+    (got, rng_got), (expected, rng_expected) = step(cached=True), step(cached=False)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_rel_close(g, e, TOLERANCE[torch.float16], f"scaled gradient of parameter {i}")
+    assert torch.equal(rng_got, rng_expected), "the CUDA RNG ends where the uncached step leaves it"
