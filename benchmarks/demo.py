@@ -217,7 +217,7 @@ def grad_cache_part(args: argparse.Namespace, log) -> Tuple[List[Dict], List[Var
     """Part 3: a convolutional encoder, the fused loss, with and without GradCache."""
     fused = {"loss": "fused", "backend": args.backend, "encoder": "conv"}
     variants = [
-        Variant("uncached", "uncached", fused, legend="uncached: loss(encoder(x0), encoder(x1))"),
+        Variant("uncached", "uncached", fused),
         Variant("cached", f"GradCache, chunk {args.cache_chunk}", {**fused, "chunk": args.cache_chunk}),
     ]
     log(f"gradient caching: full training steps of a convolutional encoder "
