@@ -168,8 +168,12 @@ def test_loss_keyword_arguments_reach_the_loss():
     assert_same_step(got, expected, TOLERANCE[torch.float64])
 
 
+class Ids(NamedTuple):
+    ids: torch.Tensor
+
+
 class DictEncoder(nn.Module):
-    """Takes {"pixels": (n, 6), "extra": [(n, 2), ((n,) int ids,)]}, like a tokenized batch."""
+    """Takes {"pixels": (n, 6), "extra": [(n, 2), Ids((n,) ints)]}, like a tokenized batch."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -177,8 +181,8 @@ class DictEncoder(nn.Module):
         self.table = nn.Embedding(4, 8)
 
     def forward(self, batch):
-        dense, (ids,) = batch["extra"]
-        return self.body(torch.cat([batch["pixels"], dense], dim=1) + self.table(ids))
+        dense, ids = batch["extra"]
+        return self.body(torch.cat([batch["pixels"], dense], dim=1) + self.table(ids.ids))
 
 
 def test_nested_inputs_are_split_and_inputs_that_require_grad_get_it():
@@ -189,7 +193,7 @@ def test_nested_inputs_are_split_and_inputs_that_require_grad_get_it():
     def batch():
         pixels = torch.randn(N, 6, generator=g, dtype=torch.float64).requires_grad_(True)
         dense = torch.randn(N, 2, generator=g, dtype=torch.float64)
-        return {"pixels": pixels, "extra": [dense, (torch.randint(0, 4, (N,), generator=g),)]}
+        return {"pixels": pixels, "extra": [dense, Ids(torch.randint(0, 4, (N,), generator=g))]}
 
     x0, x1 = batch(), batch()
     pixels = [x0["pixels"], x1["pixels"]]
@@ -207,8 +211,8 @@ def test_nested_inputs_are_split_and_inputs_that_require_grad_get_it():
 
 
 def _rows(batch, start, stop):
-    dense, (ids,) = batch["extra"]
-    return {"pixels": batch["pixels"][start:stop], "extra": [dense[start:stop], (ids[start:stop],)]}
+    dense, ids = batch["extra"]
+    return {"pixels": batch["pixels"][start:stop], "extra": [dense[start:stop], Ids(ids.ids[start:stop])]}
 
 
 def test_autocast_and_grad_scaler():
