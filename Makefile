@@ -84,7 +84,8 @@ wheel: $(WHEEL_STAMP)
 bench: install
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
-# SimCLR on sklearn's digits (MACL vs NT-Xent), then training steps at batch sizes up to 32768.
+# SimCLR on sklearn's digits (MACL vs NT-Xent), training steps at batch sizes up to 32768 (fused vs
+# dense loss), then a convolutional encoder up to 65536 pairs with and without GradCache.
 demo: install
 	$(PY) -m benchmarks.demo
 

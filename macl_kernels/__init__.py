@@ -9,11 +9,13 @@ criterion = mk.MACLLoss(temperature=0.1, alpha=0.5, A_0=0.0)
 from ._config import MACLConfig
 from ._stats import MACLStats
 from .backends import available_backends, known_backends
+from .grad_cache import GradCache
 from .loss import MACLLoss, NTXentLoss, macl_loss, nt_xent_loss
 
 __version__ = "0.1.0"  # the one place the version is written (setup.py reads it)
 
 __all__ = [
+    "GradCache",
     "MACLConfig",
     "MACLLoss",
     "MACLStats",

@@ -1,4 +1,4 @@
-"""The training demo: augmentations, k-NN, a short training run, and the large-batch step under a budget."""
+"""The training demo: augmentations, k-NN, a short training run, the large-batch and the cached steps under a budget."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks import demo, demo_digits
-from benchmarks.isolate import run_isolated
+from benchmarks.isolate import Outcome, run_isolated
 
 
 def test_augment_shifts_by_at_most_one_pixel_with_zero_fill():
@@ -58,14 +58,51 @@ def test_dense_loss_over_the_budget_is_oom():
 
 
 @pytest.mark.slow
+def test_cached_step_over_the_budget_is_oom_and_within_it_runs():
+    # Batch 2048 under a 41 MiB budget: the uncached conv step needs more (measured 2026-11-28: OOM), the cached
+    # step with 256-pair chunks peaked at 7 MiB.
+    outcomes = {}
+    for chunk in (0, 256):
+        payload = {"loss": "fused", "batch": 2048, "budget_gib": 0.04, "steps": 1, "encoder": "conv", "chunk": chunk}
+        outcomes[chunk] = run_isolated("benchmarks.demo_large_batch", [json.dumps(payload)], timeout_s=120)
+    assert outcomes[0].status == "OOM", outcomes[0]
+    assert outcomes[256].status == "ok", outcomes[256]
+
+
+def test_sweep_skips_a_variant_after_its_failure_and_reports_the_largest_batch(monkeypatch):
+    calls = []
+
+    def fake_run(module, args, timeout_s):
+        payload = json.loads(args[0])
+        calls.append((payload["chunk"], payload["batch"]))
+        if payload["chunk"] == 0 and payload["batch"] >= 512:
+            return Outcome("OOM", note="over")
+        return Outcome("ok", {"step_s": 0.1, "peak_bytes": payload["batch"]})
+
+    monkeypatch.setattr(demo, "run_isolated", fake_run)
+    variants = [demo.Variant("uncached", "uncached", {"chunk": 0}), demo.Variant("cached", "cached", {"chunk": 64})]
+    results = demo.sweep(variants, demo.doublings(256, 1024), 1.0, 10.0, log=lambda line: None)
+    assert calls == [(0, 256), (64, 256), (0, 512), (64, 512), (64, 1024)]
+    assert results[2]["uncached"]["status"] == "skipped" and "512" in results[2]["uncached"]["note"]
+    assert demo.largest_batches(results, variants) == {"uncached": 256, "cached": 1024}
+
+
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     args = ["--out", str(out), "--epochs", "1", "--seeds", "1", "--min-batch", "256", "--max-batch", "256"]
-    args += ["--backend", "torch"]
+    args += ["--cache-min-batch", "128", "--cache-max-batch", "128", "--cache-chunk", "48", "--backend", "torch"]
     assert demo.main(args) == 0
     summary = (out / "summary.txt").read_text()
     assert "MACL" in summary and "NT-Xent" in summary and "k-NN" in summary
-    results = json.loads((out / "demo.json").read_text())["large_batch"]
+    assert "largest batch within the budget: uncached 128, GradCache, chunk 48 128" in summary
+    saved = json.loads((out / "demo.json").read_text())
+    results = saved["large_batch"]
     assert [r["batch"] for r in results] == [256]
     assert results[0]["fused"]["status"] == "ok" and results[0]["dense"]["status"] == "ok"
-    assert (out / "training.png").stat().st_size > 1000 and (out / "large_batch.png").stat().st_size > 1000
+    cached = saved["grad_cache"]
+    assert [r["batch"] for r in cached] == [128]
+    assert cached[0]["uncached"]["status"] == "ok" and cached[0]["cached"]["status"] == "ok"
+    assert saved["machine"]["date"] in summary.splitlines()[0]
+    for plot in ("training.png", "large_batch.png", "grad_cache.png"):
+        assert (out / plot).stat().st_size > 1000, plot
