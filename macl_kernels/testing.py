@@ -8,9 +8,10 @@ backend is trusted here: every other backend is what gets checked.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,6 +32,7 @@ __all__ = [
     "assert_rel_close",
     "bitwise_equal",
     "fused_backends",
+    "losses_by_hand",
     "loss_and_grads",
     "make_views",
     "peak_rss_mb",
@@ -266,6 +268,64 @@ def _zero_gradient_scale(z0, z1, anchors: int, tau: float, kwargs) -> float:
     per_anchor = 1.0 / anchors if kwargs.get("reduction", "mean") == "mean" else 1.0
     smallest = torch.cat([z0, z1]).double().abs().clamp_min(1e-12).min().item()
     return 1.5 * per_anchor / (tau * smallest)
+
+
+class HandComputed(NamedTuple):
+    losses: List[float]  # per anchor, in the loss's anchor order (MATH.md section 1)
+    positive_probs: List[float]  # P of each anchor
+    alignment: float
+    temperature: float
+
+
+def losses_by_hand(
+    z0,
+    z1,
+    negatives=None,
+    *,
+    layout: str = "ntxent",
+    temperature: float = 0.1,
+    alpha: float = 0.5,
+    A_0: float = 0.0,
+    schedule: str = "linear",
+    reweight: bool = True,
+    eps: float = 1e-8,
+    min_temperature: float = 1e-4,
+) -> HandComputed:
+    """MATH.md sections 1-3 with Python floats, one anchor at a time, for a handful of rows.
+
+    An oracle that shares no code (and no order of rounding) with the package:
+    rows are lists, each anchor's softmax is written out, and 1 - P and -log P
+    come from the negatives' share of it, so that both stay exact when P is near 1.
+    """
+    rows = lambda t: t.tolist() if isinstance(t, torch.Tensor) else [list(map(float, r)) for r in t]  # noqa: E731
+    dot = lambda a, b: math.fsum(x * y for x, y in zip(a, b))  # noqa: E731
+    unit = lambda v: [x / max(math.sqrt(dot(v, v)), 1e-12) for x in v]  # noqa: E731
+    u0, u1 = [unit(v) for v in rows(z0)], [unit(v) for v in rows(z1)]
+    n = len(u0)
+    alignment = math.fsum(dot(a, b) for a, b in zip(u0, u1)) / n
+    tau = temperature * (1 + alpha * (alignment - A_0)) if schedule == "linear" else temperature * alpha**alignment
+    tau = max(tau, min_temperature)
+    others = lambda views, r: [views[c] for c in range(n) if c != r]  # noqa: E731
+    if layout == "ntxent":
+        x = u0 + u1
+        problems = [(x[r], x[(r + n) % (2 * n)], [x[c] for c in range(2 * n) if c not in (r, (r + n) % (2 * n))])
+                    for r in range(2 * n)]  # fmt: skip
+    elif layout in ("cross", "cross_sym"):
+        problems = [(u0[r], u1[r], others(u1, r)) for r in range(n)]
+        problems += [(u1[r], u0[r], others(u0, r)) for r in range(n)] if layout == "cross_sym" else []
+    else:  # queue
+        bank = [unit(v) for v in rows(negatives)]
+        problems = [(u0[r], u1[r], bank) for r in range(n)]
+    losses, probs = [], []
+    for anchor, positive, negative_rows in problems:
+        logits = [dot(anchor, positive) / tau] + [dot(anchor, y) / tau for y in negative_rows]
+        weights = [math.exp(v - max(logits)) for v in logits]
+        total = math.fsum(weights)
+        p, one_minus_p = weights[0] / total, math.fsum(weights[1:]) / total
+        v = 1 / (one_minus_p + eps) if reweight else 1.0
+        losses.append(v * math.log1p(math.fsum(weights[1:]) / weights[0]))  # -log P, exact near P = 1
+        probs.append(p)
+    return HandComputed(losses, probs, alignment, tau)
 
 
 def assert_compiled_matches_eager(
