@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import macl_kernels as mk
+from macl_kernels.testing import fused_backends
 
 from . import machine, ops, plots, report
 from .cases import Case
@@ -168,7 +169,7 @@ def unavailable_fused(device: str) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     preset = make_preset(args.preset or ("gpu" if args.device == "cuda" else "cpu"), args.device,
-                         ops.fused_backends(args.device))  # fmt: skip
+                         fused_backends(args.device))  # fmt: skip
     limits = override_limits(preset.limits, args)
     cases = select(preset.cases, args)
     if args.list:

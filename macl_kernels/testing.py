@@ -75,15 +75,20 @@ def make_views(
     device: str = "cpu",
     bank_rows: int = 0,
     correlation: float = 0.5,
+    requires_grad: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Two correlated views (like augmentations of one batch) and an optional bank."""
+    """Two correlated views (like augmentations of one batch) and an optional bank.
+
+    Drawn in float64 on the CPU from ``seed``, so the same on every device and in
+    every dtype; ``requires_grad`` makes the views leaves that collect gradients.
+    """
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, d, generator=g, dtype=torch.float64)
     z0 = base + correlation * torch.randn(n, d, generator=g, dtype=torch.float64)
     z1 = base + correlation * torch.randn(n, d, generator=g, dtype=torch.float64)
     bank = torch.randn(bank_rows, d, generator=g, dtype=torch.float64) if bank_rows else None
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return cast(z0), cast(z1), cast(bank)
+    z0, z1 = (z.to(device=device, dtype=dtype).requires_grad_(requires_grad) for z in (z0, z1))
+    return z0, z1, None if bank is None else bank.to(device=device, dtype=dtype)
 
 
 def upstream_for(loss: torch.Tensor, seed: int = 1) -> torch.Tensor:
