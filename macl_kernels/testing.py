@@ -282,42 +282,35 @@ class HandComputed(NamedTuple):
     temperature: float
 
 
-def losses_by_hand(
-    z0,
-    z1,
-    negatives=None,
-    *,
-    layout: str = "ntxent",
-    temperature: float = 0.1,
-    alpha: float = 0.5,
-    A_0: float = 0.0,
-    schedule: str = "linear",
-    reweight: bool = True,
-    eps: float = 1e-8,
-    min_temperature: float = 1e-4,
-) -> HandComputed:
+def losses_by_hand(z0, z1, negatives=None, **settings) -> HandComputed:
     """MATH.md sections 1-3 with Python floats, one anchor at a time, for a handful of rows.
 
-    An oracle that shares no code (and no order of rounding) with the package:
-    rows are lists, each anchor's softmax is written out, and 1 - P and -log P
-    come from the negatives' share of it, so that both stay exact when P is near 1.
+    ``settings``: those of :func:`macl_kernels.macl_loss` (their defaults and checks
+    are :class:`MACLConfig`'s). An oracle that shares no math (and no order of
+    rounding) with the package: rows are lists, each anchor's softmax is written
+    out, and 1 - P and -log P come from the negatives' share of it, so that both
+    stay exact when P is near 1.
     """
+    cfg = MACLConfig(**settings)
     rows = lambda t: t.tolist() if isinstance(t, torch.Tensor) else [list(map(float, r)) for r in t]  # noqa: E731
     dot = lambda a, b: math.fsum(x * y for x, y in zip(a, b))  # noqa: E731
     unit = lambda v: [x / max(math.sqrt(dot(v, v)), 1e-12) for x in v]  # noqa: E731
     u0, u1 = [unit(v) for v in rows(z0)], [unit(v) for v in rows(z1)]
     n = len(u0)
     alignment = math.fsum(dot(a, b) for a, b in zip(u0, u1)) / n
-    tau = temperature * (1 + alpha * (alignment - A_0)) if schedule == "linear" else temperature * alpha**alignment
-    tau = max(tau, min_temperature)
+    if cfg.schedule == "linear":
+        tau = cfg.temperature * (1 + cfg.alpha * (alignment - cfg.A_0))
+    else:
+        tau = cfg.temperature * cfg.alpha**alignment
+    tau = max(tau, cfg.min_temperature)
     others = lambda views, r: [views[c] for c in range(n) if c != r]  # noqa: E731
-    if layout == "ntxent":
+    if cfg.layout == "ntxent":
         x = u0 + u1
         problems = [(x[r], x[(r + n) % (2 * n)], [x[c] for c in range(2 * n) if c not in (r, (r + n) % (2 * n))])
                     for r in range(2 * n)]  # fmt: skip
-    elif layout in ("cross", "cross_sym"):
+    elif cfg.layout in ("cross", "cross_sym"):
         problems = [(u0[r], u1[r], others(u1, r)) for r in range(n)]
-        problems += [(u1[r], u0[r], others(u0, r)) for r in range(n)] if layout == "cross_sym" else []
+        problems += [(u1[r], u0[r], others(u0, r)) for r in range(n)] if cfg.layout == "cross_sym" else []
     else:  # queue
         bank = [unit(v) for v in rows(negatives)]
         problems = [(u0[r], u1[r], bank) for r in range(n)]
@@ -327,7 +320,7 @@ def losses_by_hand(
         weights = [math.exp(v - max(logits)) for v in logits]
         total = math.fsum(weights)
         p, one_minus_p = weights[0] / total, math.fsum(weights[1:]) / total
-        v = 1 / (one_minus_p + eps) if reweight else 1.0
+        v = 1 / (one_minus_p + cfg.eps) if cfg.reweight else 1.0
         losses.append(v * math.log1p(math.fsum(weights[1:]) / weights[0]))  # -log P, exact near P = 1
         probs.append(p)
     return HandComputed(losses, probs, alignment, tau)
