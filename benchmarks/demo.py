@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--seeds", type=int, default=3, help="training runs per loss (curves and accuracies are averaged)")
+    p.add_argument("--seeds", type=int, default=10, help="training runs per loss, compared seed by seed")
     p.add_argument("--min-batch", type=int, default=256)
     p.add_argument("--max-batch", type=int, default=32768)
     p.add_argument("--budget-gib", type=float, default=4.0, help="memory budget of one large-batch training process")
@@ -56,29 +55,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 # ---- part 1: learning on digits -------------------------------------------------------------
 
 
-def mean_curves(histories: List[demo_digits.History]) -> Dict[str, List[float]]:
-    fields = ("loss", "alignment", "temperature", "knn_clean", "knn_perturbed")
-    return {f: [statistics.fmean(v) for v in zip(*(getattr(h, f) for h in histories))] for f in fields}
-
-
 def learning_part(epochs: int, seeds: int, backend: str, log) -> Dict[str, Dict[str, List[float]]]:
-    data = demo_digits.evaluation_data()
-    train_x, train_y, test_x, test_y, perturbed = data
-    log(f"digits: {len(train_x)} training and {len(test_x)} held-out images (8x8); {epochs} epochs, {seeds} seeds")
-    log(f"  k-NN on raw pixels: {demo_digits.knn_accuracy(train_x, train_y, test_x, test_y):.3f} clean, "
-        f"{demo_digits.knn_accuracy(train_x, train_y, perturbed, test_y):.3f} perturbed")  # fmt: skip
-    curves = {}
-    for name, loss_fn in demo_digits.losses(backend).items():
-        start = time.perf_counter()
-        histories = [demo_digits.train(loss_fn, data, epochs=epochs, seed=s) for s in range(seeds)]
-        curves[name] = c = mean_curves(histories)
-        spread = statistics.pstdev(h.knn_perturbed[-1] for h in histories)
-        log(f"  {name:8s} loss {c['loss'][0]:.3f} -> {c['loss'][-1]:.3f}; A {c['alignment'][0]:.3f} -> "
-            f"{c['alignment'][-1]:.3f}; tau {c['temperature'][0]:.4f} -> {c['temperature'][-1]:.4f}; "
-            f"k-NN clean {c['knn_clean'][0]:.3f} -> {c['knn_clean'][-1]:.3f}, perturbed "
-            f"{c['knn_perturbed'][0]:.3f} -> {c['knn_perturbed'][-1]:.3f} (± {spread:.3f} over seeds) "
-            f"[{time.perf_counter() - start:.0f} s]")  # fmt: skip
-    return curves
+    return demo_digits.learning_part(epochs, seeds, backend, log)
 
 
 def plot_training(curves: Dict[str, Dict[str, List[float]]], path: str) -> None:

@@ -2,15 +2,29 @@
 
 Two augmented views of each image (random shifts and pixel noise) go through a small
 MLP encoder and a projection head; the loss pulls the views together. The learned
-representation is judged by k-NN accuracy on held-out digits.
+representation is judged by k-NN accuracy on held-out digits, clean and perturbed.
+
+MACL and NT-Xent are trained from the same seeds (same initialization, batches and
+augmentations), so their final accuracies are compared seed by seed: the mean of the
+paired differences and its 95% interval, and whether that interval excludes 0.
+Part 1 of ``make demo``; on its own (writes digits.txt, digits.json, training.png):
+
+    python -m benchmarks.demo_digits [--out DIR] [--seeds 10] [--epochs 60] [--backend auto]
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -164,3 +178,110 @@ def _train(loss_fn: LossFn, data: Tuple[torch.Tensor, ...], epochs: int, batch_s
         history.temperature.append(temperature)
         evaluate(model.backbone, data, history)
     return history
+
+
+# ---- MACL against NT-Xent, seed by seed -------------------------------------------------------
+
+
+@dataclass
+class PairedDifference:
+    """Mean over seeds of a[seed] - b[seed], with its 95% interval (Student's t, seeds - 1 degrees of freedom)."""
+
+    mean: float
+    low: float  # NaN with a single seed
+    high: float
+    seeds: int
+
+    @property
+    def significant(self) -> bool:
+        return self.seeds >= 2 and (self.low > 0 or self.high < 0)
+
+    def describe(self) -> str:
+        if self.seeds < 2:
+            return f"{self.mean:+.3f} (one seed: no interval, nothing can be concluded)"
+        verdict = (
+            "significant (the interval excludes 0)"
+            if self.significant
+            else "NOT significant: the interval includes 0, these seeds cannot tell the two losses apart"
+        )
+        return f"{self.mean:+.3f}, 95% interval [{self.low:+.3f}, {self.high:+.3f}] over {self.seeds} seeds: {verdict}"
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> PairedDifference:
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return PairedDifference(mean, math.nan, math.nan, len(diffs))
+    from scipy.stats import t  # scipy comes with scikit-learn, which provides the data
+
+    half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return PairedDifference(mean, mean - half, mean + half, len(diffs))
+
+
+def mean_curves(histories: List[History]) -> Dict[str, List[float]]:
+    fields = ("loss", "alignment", "temperature", "knn_clean", "knn_perturbed")
+    return {f: [statistics.fmean(v) for v in zip(*(getattr(h, f) for h in histories))] for f in fields}
+
+
+def learning_part(epochs: int, seeds: int, backend: str, log) -> Dict[str, Dict[str, List[float]]]:
+    """Both losses over ``seeds`` seeds: their mean curves, and each seed's final k-NN accuracies (``*_by_seed``)."""
+    data = evaluation_data()
+    train_x, train_y, test_x, test_y, perturbed = data
+    log(f"digits: {len(train_x)} training and {len(test_x)} held-out images (8x8); {epochs} epochs, {seeds} seeds")
+    log(f"  k-NN on raw pixels: {knn_accuracy(train_x, train_y, test_x, test_y):.3f} clean, "
+        f"{knn_accuracy(train_x, train_y, perturbed, test_y):.3f} perturbed")  # fmt: skip
+    curves = {}
+    for name, loss_fn in losses(backend).items():
+        start = time.perf_counter()
+        histories = [train(loss_fn, data, epochs=epochs, seed=s) for s in range(seeds)]
+        curves[name] = c = mean_curves(histories)
+        for what in ("knn_clean", "knn_perturbed"):
+            c[f"{what}_by_seed"] = [getattr(h, what)[-1] for h in histories]
+        seconds = time.perf_counter() - start
+        log(f"  {name:8s} loss {c['loss'][0]:.3f} -> {c['loss'][-1]:.3f}; A {c['alignment'][0]:.3f} -> "
+            f"{c['alignment'][-1]:.3f}; tau {c['temperature'][0]:.4f} -> {c['temperature'][-1]:.4f}; "
+            f"mean k-NN clean {c['knn_clean'][0]:.3f} -> {c['knn_clean'][-1]:.3f}, perturbed "
+            f"{c['knn_perturbed'][0]:.3f} -> {c['knn_perturbed'][-1]:.3f} [{seconds:.0f} s]")  # fmt: skip
+    log(f"  MACL - NT-Xent, k-NN accuracy after {epochs} epochs, paired by seed (same initialization, batches, "
+        "augmentations):")  # fmt: skip
+    for what in ("knn_clean", "knn_perturbed"):
+        difference = paired_difference(curves["MACL"][f"{what}_by_seed"], curves["NT-Xent"][f"{what}_by_seed"])
+        curves["MACL"][f"{what}_minus_ntxent"] = asdict(difference)
+        log(f"    {what.removeprefix('knn_'):9s} {difference.describe()}")
+    return curves
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from . import machine
+    from .demo import plot_training  # demo imports this module: import it when running
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.demo_digits", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "demo"))
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--backend", default="auto")
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(given)
+    os.makedirs(args.out, exist_ok=True)
+    lines: List[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    started = time.perf_counter()
+    host = machine.describe("cpu")
+    log(f"python -m benchmarks.demo_digits {' '.join(given)}; {host['date']}; {host['host']}; torch {host['torch']}")
+    curves = learning_part(args.epochs, args.seeds, args.backend, log)
+    plot_training(curves, os.path.join(args.out, "training.png"))
+    elapsed = time.perf_counter() - started
+    log(f"finished in {elapsed:.0f} s of wall-clock time; outputs in {args.out}")
+    with open(os.path.join(args.out, "digits.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "digits.json"), "w") as f:
+        json.dump({"machine": host, "args": vars(args), "elapsed_s": round(elapsed, 1), "curves": curves}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

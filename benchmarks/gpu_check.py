@@ -6,7 +6,8 @@ For each size (``ntxent``, the default MACL settings) every fused backend on the
 device computes the loss and both input gradients twice: the two runs must be
 bitwise identical, and they are compared with the float64 dense reference where
 its M x C matrices fit in memory, beyond that with the ``torch`` backend in
-float64 (MATH.md section 6 tolerances). Writes DIR/gpu_check.csv and
+float64: each error is the largest relative error of a row
+(``macl_kernels.testing.relative_error``), against MATH.md section 6's bounds. Writes DIR/gpu_check.csv and
 DIR/gpu_check.md, prints the table, and exits non-zero if any case fails.
 """
 

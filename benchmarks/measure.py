@@ -21,6 +21,8 @@ from typing import Callable, Dict, List
 
 import torch
 
+from macl_kernels.testing import make_views
+
 from . import ops
 from .cases import Case
 from .isolate import emit
@@ -31,13 +33,12 @@ WARMUP_N = 256
 CUDA_WARMUP_RUNS = 2
 
 
-def make_views(case: Case, n: int, device: torch.device, seed: int = 0):
-    """Two correlated views of one batch (like two augmentations), leaves in the case's dtype."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, case.d, generator=g)
-    views = [base + 0.5 * torch.randn(n, case.d, generator=g) for _ in range(2)]
-    dtype = getattr(torch, case.dtype)
-    return [v.to(device=device, dtype=dtype).requires_grad_(case.mode == "fwd_bwd") for v in views]
+def case_views(case: Case, n: int, device: torch.device, seed: int = 0) -> List[torch.Tensor]:
+    """Two correlated views of one batch of ``n`` pairs in the case's dtype, leaves when it runs a backward."""
+    z0, z1, _ = make_views(
+        n, case.d, getattr(torch, case.dtype), seed=seed, device=str(device), requires_grad=case.mode == "fwd_bwd"
+    )
+    return [z0, z1]
 
 
 def make_step(fn: Callable, z0: torch.Tensor, z1: torch.Tensor, mode: str, losses: List) -> Callable[[], None]:
@@ -89,7 +90,7 @@ def repeat_runs(timed: Callable[[], float], limits: Limits) -> List[float]:
 
 def measure(case: Case, limits: Limits, device: torch.device) -> Dict:
     fn = ops.build(case)
-    z0, z1 = make_views(case, case.n, device)
+    z0, z1 = case_views(case, case.n, device)
     if device.type == "cpu" and limits.memory_budget_gib is not None:
         cap_address_space(int(limits.memory_budget_gib * 2**30))
 
@@ -99,7 +100,7 @@ def measure(case: Case, limits: Limits, device: torch.device) -> Dict:
         for _ in range(CUDA_WARMUP_RUNS if device.type == "cuda" else 1):
             step()
     else:
-        make_step(fn, *make_views(case, min(case.n, WARMUP_N), device, seed=1), case.mode, [])()
+        make_step(fn, *case_views(case, min(case.n, WARMUP_N), device, seed=1), case.mode, [])()
 
     memory = PeakMemory(device)
     memory.start()

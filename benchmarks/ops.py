@@ -8,15 +8,11 @@ from typing import Optional
 import torch
 
 import macl_kernels as mk
+from macl_kernels.testing import fused_backends
 
 from . import baselines
 from .cases import Case, loss_kwargs
 from .presets import COMPILED_REFERENCE, DENSE, INF_CL, LIGHTLY, REFERENCE
-
-
-def fused_backends(device: str) -> list:
-    """The fused backends of macl_kernels that can run on ``device`` here."""
-    return [b for b in mk.available_backends(device) if b != mk.backends.REFERENCE]
 
 
 def unavailable_reason(case: Case, device: str) -> Optional[str]:

@@ -1,7 +1,8 @@
 """Plots of a sweep's rows: time and peak memory against N, log-log, one line per backend.
 
-Where a backend first failed (OOM, timeout, error), a cross on the top edge of the
-plot at that N, labelled with the backend and the status.
+Where a backend's series ends (it failed: OOM, timeout, error; or it was projected
+over a limit and not run), a cross on the top edge of the plot at that N, labelled
+with the backend and the status as the tables show it ("projected > 8 GiB").
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
-from .report import Row, backend_order, group_title, groups  # noqa: E402
+from .report import Row, backend_order, group_title, groups, is_projected  # noqa: E402
 
 MIN_MIB = 0.1  # a peak too small to see on a log axis is drawn here
 FAILED = ("OOM", "timeout", "error")
+
+
+def _ends_series(status: str) -> bool:
+    return status in FAILED or is_projected(status)
 
 
 def _plot_panel(ax, rows: List[Row], value, ylabel: str) -> None:
@@ -28,7 +33,7 @@ def _plot_panel(ax, rows: List[Row], value, ylabel: str) -> None:
         mine = sorted((r for r in rows if r["backend"] == name), key=lambda r: r["n"])
         ok = [r for r in mine if r["status"] == "ok"]
         ax.plot([r["n"] for r in ok], [value(r) for r in ok], "o-", color=color, label=name)
-        failed = [r for r in mine if r["status"] in FAILED]
+        failed = [r for r in mine if _ends_series(r["status"])]
         if failed:
             failures.append((failed[0]["n"], f"{name}: {failed[0]['status']}", color))
     sizes = sorted({r["n"] for r in rows})
@@ -51,7 +56,7 @@ def _plot_panel(ax, rows: List[Row], value, ylabel: str) -> None:
 
 def plot_group(rows: List[Row], title: str, path: str) -> None:
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.6))
-    _plot_panel(ax_time, rows, lambda r: r["median_s"], "median time (s)")
+    _plot_panel(ax_time, rows, lambda r: r["median_s"], "time (s): median of runs, or one run")
     _plot_panel(ax_mem, rows, lambda r: max(r["peak_mib"], MIN_MIB), "peak memory above baseline (MiB)")
     ax_time.legend(loc="upper left", fontsize=9)
     device = rows[0].get("device_name", "")

@@ -34,7 +34,7 @@ class Limits:
     min_runs: int  # ... and at least this many runs were made ...
     max_runs: int  # ... or at most this many
     long_run_s: float  # a run at least this long is measured once
-    sweep_minutes: Optional[float]  # cases that would end past this are not run (recorded as timeout)
+    sweep_minutes: Optional[float]  # cases that would end past this are not run (recorded as "not run")
     headline_n: int  # N of the summary's ratios
 
     def case_timeout_s(self) -> float:

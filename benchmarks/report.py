@@ -1,8 +1,24 @@
-"""Rows of a sweep: the CSV, and the markdown (headline ratios, then one table per group)."""
+"""Rows of a sweep: the CSV, and the markdown (headline ratios, then one table per group).
+
+    python -m benchmarks.report DIR [--no-plots]
+
+rewrites DIR/results.md (and the plots) from DIR/results.csv and DIR/machine.json,
+the files ``benchmarks.run`` writes, without measuring anything.
+
+A row's status says what happened, and a table cell shows it as it is: ``ok``
+(measured); ``OOM``, ``timeout``, ``error`` (it ran and failed that way);
+``unavailable`` (cannot run here); ``projected > 8 GiB`` / ``projected > 150 s``
+(not run: its projected memory or time per run is over the budget); ``not run``
+(its series stopped at a smaller N, or the sweep's time ran out; the note says which).
+"""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
+import os
+import sys
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -20,6 +36,12 @@ MODE_LABEL = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 LOSS_LABEL = {"macl": "MACL (lightly's defaults)", "infonce": "InfoNCE (alpha=0, reweight=False)"}
 
 Row = Dict[str, object]
+NOT_RUN = "not run"
+
+
+def is_projected(status: str) -> bool:
+    """Whether the status is a projection over a limit (the case was not run)."""
+    return status.startswith("projected")
 
 
 def make_row(case: Case, outcome: Outcome, env: Dict[str, str]) -> Row:
@@ -85,6 +107,17 @@ def format_seconds(s: float) -> str:
     return f"{s * 1e6:.3g} µs"
 
 
+def format_duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+def format_time(row: Row) -> str:
+    """The row's time: the median of its runs, or its single run, marked as such."""
+    single = " (1 run)" if row["runs"] == 1 else ""
+    return format_seconds(row["median_s"]) + single
+
+
 def format_mib(mib: float) -> str:
     return f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.3g} MiB"
 
@@ -99,7 +132,7 @@ def _cell(row: Optional[Row], what: str) -> str:
     if not _ok(row):
         return str(row["status"])
     if what == "time":
-        return f"{format_seconds(row['median_s'])} ({row['gflops']:.3g} GFLOP/s)"
+        return f"{format_time(row)}, {row['gflops']:.3g} GFLOP/s"
     return format_mib(row["peak_mib"])
 
 
@@ -135,7 +168,7 @@ def headline(rows: Sequence[Row], n: int) -> List[str]:
         bases = [b for b in BASELINES if b in at_n]
         if not fused or not bases:
             continue
-        lines += [f"**N = {n}, {group_title(group)}** (median time, peak memory above baseline)", ""]
+        lines += [f"**N = {n}, {group_title(group)}** (time, peak memory above baseline)", ""]
         lines += ["| fused backend | " + " | ".join(f"vs `{b}`" for b in bases) + " |", "|---|" + "---|" * len(bases)]
         lines += [f"| `{f}` | " + " | ".join(compare(at_n[f], at_n[b]) for b in bases) + " |" for f in fused]
         best = min(fused, key=lambda b: at_n[b]["median_s"])
@@ -143,7 +176,7 @@ def headline(rows: Sequence[Row], n: int) -> List[str]:
             lines += [
                 "",
                 f"Best fused backend here, `{best}`, against lightly's `MACLLoss`: "
-                f"{format_seconds(at_n[best]['median_s'])} vs {format_seconds(at_n[LIGHTLY]['median_s'])}, "
+                f"{format_time(at_n[best])} vs {format_time(at_n[LIGHTLY])}, "
                 f"{format_mib(at_n[best]['peak_mib'])} vs {format_mib(at_n[LIGHTLY]['peak_mib'])}: "
                 f"**{compare(at_n[best], at_n[LIGHTLY])}**.",
             ]
@@ -151,26 +184,60 @@ def headline(rows: Sequence[Row], n: int) -> List[str]:
     return lines
 
 
-def markdown(rows: Sequence[Row], env: Dict[str, str], command: str, headline_n: int, notes: Sequence[str]) -> str:
+def markdown(rows: Sequence[Row], sweep: Dict) -> str:
+    """The whole report; ``sweep`` is the content of machine.json (environment, command, limits, elapsed time)."""
+    elapsed = sweep.get("elapsed_s")
+    took = f" The sweep took {format_duration(elapsed)} of wall-clock time." if elapsed is not None else ""
     lines = [
-        f"# macl_kernels benchmark on {env['device_name']}",
+        f"# macl_kernels benchmark on {sweep['device_name']}",
         "",
-        f"{env['date']}; `{command}`; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-        f"Python {env['python']}, {env['os']}; host: {env['host']}.",
+        f"{sweep['date']}; `{sweep['command']}`; torch {sweep['torch']}, triton {sweep['triton']}, "
+        f"CUDA {sweep['cuda']}, Python {sweep['python']}, {sweep['os']}; host: {sweep['host']}.{took}",
         "",
-        "Each cell is one fresh subprocess: median of several runs after a warm-up (CPU: wall clock; "
-        "GPU: `triton.testing.do_bench`), achieved GFLOP/s by MATH.md section 7 (forward 2·M·C·D, forward + backward "
-        "8·M·C·D), peak memory above the process's baseline after imports, inputs and warm-up (CPU: peak "
-        "RSS; GPU: `max_memory_allocated`). OOM: over the memory budget; timeout: over the time cap "
-        "(see the CSV's note column for what was projected rather than run).",
+        "Each cell is one fresh subprocess after a warm-up. Time: the median of its runs, or its only run where "
+        f"marked (1 run) (CPU: wall clock, a run of over {sweep['limits'].get('long_run_s', 10):g} s is measured "
+        "once; GPU: `triton.testing.do_bench`), with the achieved GFLOP/s by MATH.md section 7 (forward 2·M·C·D, "
+        "forward + backward 8·M·C·D). Peak memory: above the process's baseline after imports, inputs and warm-up "
+        "(CPU: peak RSS; GPU: `max_memory_allocated`). OOM, timeout: the run itself failed that way. A cell that "
+        "was not run says why: projected > the budget (its memory, a dense baseline's M x C matrix or its peak at "
+        "the previous N scaled by N², or its time per run scaled by the flops) or not run (its series stopped at a "
+        "smaller N, or the sweep's time ran out); the CSV's note column has the numbers.",
         "",
     ]
-    lines += [f"- {note}" for note in notes]
-    lines += ["", *headline(rows, headline_n)]
+    lines += [f"- {note}" for note in sweep.get("unavailable", [])]
+    lines += ["", *headline(rows, sweep["limits"]["headline_n"])]
     for group, members in groups(rows).items():
-        lines += [f"## {group_title(group)}", "", "Median time (achieved GFLOP/s):", ""]
+        lines += [f"## {group_title(group)}", "", "Time (achieved GFLOP/s):", ""]
         lines += _table(members, "time")
         lines += ["", "Peak memory:", ""]
         lines += _table(members, "memory")
         lines.append("")
     return "\n".join(lines)
+
+
+def write_markdown(rows: Sequence[Row], sweep: Dict, out_dir: str) -> str:
+    """Write out_dir/results.md; returns its text."""
+    text = markdown(rows, sweep)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("dir", help="a folder written by benchmarks.run (results.csv, machine.json)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    rows = read_csv(os.path.join(args.dir, "results.csv"))
+    with open(os.path.join(args.dir, "machine.json")) as f:
+        sweep = json.load(f)
+    print(write_markdown(rows, sweep, args.dir))
+    if not args.no_plots:
+        from . import plots  # matplotlib only when plotting
+
+        plots.plot_all(rows, args.dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

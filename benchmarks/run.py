@@ -7,11 +7,13 @@ DIR/machine.json and one PNG per group, and prints the markdown, its tables last
 
 Cases run in the preset's order (each series by increasing N, the most important
 cases first, so that a short sweep budget cuts the least). A case is recorded without being run when the result is
-already known: "unavailable"; OOM or timeout at a smaller N of the same series; a
-dense baseline projected over the memory budget (its M x C matrix, or its peak at
-the last N scaled by N^2); a run projected past the time cap (the last run of the
-series, or else of the backend, scaled by the flops); or the sweep's time budget
-would be exceeded.
+already known, with a status that says so (see :mod:`benchmarks.report`):
+"unavailable"; "projected > X GiB", a dense baseline projected over the memory
+budget (its M x C matrix, or its peak at the last N scaled by N^2); "projected > X s",
+a run projected past the time cap (the last run of the series, or else of the
+backend, scaled by the flops); "not run", after an OOM, timeout or projection at a
+smaller N of the same series, or when the sweep's time budget would be exceeded.
+Only a case that ran and failed is "OOM" or "timeout".
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ import torch
 from tqdm import tqdm
 
 import macl_kernels as mk
+from macl_kernels.testing import fused_backends
 
 from . import machine, ops, plots, report
 from .cases import Case
 from .isolate import Outcome, run_isolated
 from .presets import PRESETS, Limits, make_preset
+from .report import NOT_RUN, is_projected
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 CHILD_OVERHEAD_S = 4.0  # a subprocess's imports and warm-up, for the sweep budget's projections
@@ -114,7 +118,7 @@ class Planner:
         if self.limits.sweep_minutes is not None:
             end = time.monotonic() - self.started + self.projected_case_s(case)
             if end > 60 * self.limits.sweep_minutes:
-                return Outcome("timeout", note=f"not run: past the sweep's {self.limits.sweep_minutes} min budget")
+                return Outcome(NOT_RUN, note=f"past the sweep's {self.limits.sweep_minutes} min budget")
         return None
 
     def _known_outcome(self, case: Case) -> Optional[Outcome]:
@@ -123,21 +127,21 @@ class Planner:
             return Outcome("unavailable", note=reason)
         if case.series() in self.failed:
             status, n = self.failed[case.series()]
-            return Outcome(status, note=f"not run: {status} at N = {n} already")
+            return Outcome(NOT_RUN, note=f"{status} at N = {n} already")
         budget = self.memory_gib
         dense = self.projected_dense_bytes(case)
         if budget is not None and dense > budget * 2**30:
-            return Outcome("OOM", note=f"not run: projected to need {dense / 2**30:.1f} GiB > {budget:.0f} GiB")
+            return Outcome(f"projected > {budget:g} GiB", note=f"projected to need {dense / 2**30:.1f} GiB")
         run = self.projected_run_s(case)
         if run is not None and run > self.limits.run_cap_s:
-            return Outcome("timeout", note=f"not run: projected {run:.0f} s per run > cap {self.limits.run_cap_s} s")
+            return Outcome(f"projected > {self.limits.run_cap_s:g} s", note=f"projected {run:.0f} s per run")
         return None
 
     def record(self, case: Case, outcome: Outcome) -> None:
         if outcome.status == "ok":
             last = (case, outcome.result["median_s"], outcome.result.get("peak_bytes", 0))
             self.last_ok[case.series()] = self.last_ok[case.backend] = last
-        elif outcome.status in ("OOM", "timeout"):
+        elif outcome.status in ("OOM", "timeout") or is_projected(outcome.status):
             self.failed.setdefault(case.series(), (outcome.status, case.n))
 
 
@@ -168,7 +172,7 @@ def unavailable_fused(device: str) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     preset = make_preset(args.preset or ("gpu" if args.device == "cuda" else "cpu"), args.device,
-                         ops.fused_backends(args.device))  # fmt: skip
+                         fused_backends(args.device))  # fmt: skip
     limits = override_limits(preset.limits, args)
     cases = select(preset.cases, args)
     if args.list:
@@ -178,9 +182,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "results.csv")
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python -m benchmarks.run", *(shlex.quote(a) for a in given)])
     env = machine.describe(args.device)
-    with open(os.path.join(args.out, "machine.json"), "w") as f:
-        json.dump({**env, "preset": preset.name, "limits": limits.__dict__}, f, indent=1)
+    sweep = {**env, "command": command, "preset": preset.name, "limits": limits.__dict__}
+    write_json(sweep, os.path.join(args.out, "machine.json"))
     planner = Planner(limits, args.device, device_memory_gib(args.device, limits))
     rows: List[report.Row] = []
     progress = tqdm(cases, desc=f"bench {preset.name}", unit="case", file=sys.stderr)
@@ -194,19 +200,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report.write_csv(rows, csv_path)  # after every case: an interrupted sweep keeps its rows
     progress.close()
 
-    given = argv if argv is not None else sys.argv[1:]
-    command = " ".join(["python -m benchmarks.run", *(shlex.quote(a) for a in given)])
-    text = report.markdown(rows, env, command, limits.headline_n, unavailable_fused(args.device))
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
+    # The sweep's own wall-clock time, in its outputs: the only source for a claim about it.
+    sweep["elapsed_s"] = round(time.monotonic() - planner.started, 1)
+    sweep["unavailable"] = unavailable_fused(args.device)
+    write_json(sweep, os.path.join(args.out, "machine.json"))
+    text = report.write_markdown(rows, sweep, args.out)
     if not args.no_plots:
         plots.plot_all(rows, args.out)
     errors = [r for r in rows if r["status"] == "error"]
     for r in errors:
         print(f"error: {r['backend']} {r['layout']} {r['mode']} N={r['n']}: {r['note']}", file=sys.stderr)
-    print(f"wrote the results to {args.out} in {time.monotonic() - planner.started:.0f} s")
+    print(f"wrote the results to {args.out} in {report.format_duration(sweep['elapsed_s'])}")
     print(text)
     return 0
+
+
+def write_json(value: Dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,17 @@ import pytest
 import torch
 
 import macl_kernels as mk
+from macl_kernels.testing import fused_backends
 
 from . import ops
 from .cases import MODES, Case, loss_kwargs
-from .measure import make_step, make_views
+from .measure import case_views, make_step
 from .presets import COMPILED_REFERENCE, INF_CL, LIGHTLY, REFERENCE
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N = 4096 if DEVICE == "cuda" else 512
 D = 128
-BACKENDS = [*ops.fused_backends(DEVICE), LIGHTLY, REFERENCE, COMPILED_REFERENCE]
+BACKENDS = [*fused_backends(DEVICE), LIGHTLY, REFERENCE, COMPILED_REFERENCE]
 
 
 def _synchronized(step):
@@ -50,20 +51,20 @@ def test_ntxent(benchmark, backend, mode):
     if reason is not None:
         pytest.skip(reason)
     fn = ops.build(case)
-    z0, z1 = make_views(case, N, torch.device(DEVICE))
+    z0, z1 = case_views(case, N, torch.device(DEVICE))
     losses = []
     benchmark.extra_info.update(n=N, d=D, gflop=case.flops() / 1e9, device=DEVICE)
     benchmark(_synchronized(make_step(fn, z0, z1, mode, losses)))
     _check_against_reference(case, z0, z1, losses[-1])
 
 
-@pytest.mark.parametrize("backend", [*ops.fused_backends(DEVICE), INF_CL])
+@pytest.mark.parametrize("backend", [*fused_backends(DEVICE), INF_CL])
 def test_cross_sym_infonce(benchmark, backend):
     case = Case(backend, "infonce", "cross_sym", "fwd_bwd", N, D, "float32")
     reason = ops.unavailable_reason(case, DEVICE)
     if reason is not None:
         pytest.skip(reason)
-    z0, z1 = make_views(case, N, torch.device(DEVICE))
+    z0, z1 = case_views(case, N, torch.device(DEVICE))
     losses = []
     benchmark.extra_info.update(n=N, d=D, gflop=case.flops() / 1e9, device=DEVICE)
     benchmark(_synchronized(make_step(ops.build(case), z0, z1, case.mode, losses)))

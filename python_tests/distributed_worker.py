@@ -85,12 +85,18 @@ def mismatch_messages(rank: int) -> Dict[str, Optional[str]]:
     }
     messages = {}
     for name, (z, dtype) in problems.items():
-        try:
-            mk.macl_loss(z.to(dtype), z.to(dtype), gather_distributed=True)
-            messages[name] = None
-        except ValueError as error:
-            messages[name] = str(error)
+        messages[name] = _error_of(z.to(dtype), "ntxent")
+    # ntxent and cross_sym run the same collectives: without the check a silently wrong loss, not a hang.
+    messages["layout"] = _error_of(torch.randn(4, 3), "ntxent" if rank == 0 else "cross_sym")
     return messages
+
+
+def _error_of(z: torch.Tensor, layout: str) -> Optional[str]:
+    try:
+        mk.macl_loss(z, z, layout=layout, gather_distributed=True)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def _group_main(rank: int, world_size: int, init_file: str, out_dir: str, cases: List[Dict]) -> None:

@@ -18,7 +18,14 @@ from macl_kernels import distributed
 from macl_kernels._config import MACLConfig
 from macl_kernels._fused import fused_macl_loss
 from macl_kernels.backends import resolve
-from macl_kernels.testing import LAYOUTS, TOLERANCE, assert_rel_close, fused_backends, loss_and_grads, make_views
+from macl_kernels.testing import (
+    LAYOUTS,
+    TOLERANCE_FLOOR,
+    assert_rel_close,
+    fused_backends,
+    loss_and_grads,
+    make_views,
+)
 from python_tests.distributed_worker import PAIRS_PER_RANK, global_batch, loss_options, own_rows, spawn_group
 
 WORLD_SIZES = (2, 3)
@@ -84,7 +91,8 @@ def _single_process(case, world_size):
 def test_ranks_reproduce_the_single_process_loss(group, index):
     world_size, ranks = group
     case = CASES[index]
-    tol = TOLERANCE[case["dtype"]]
+    # The same computation split across ranks: only the order of the sums differs, so the dtype's floor.
+    tol = TOLERANCE_FLOOR[case["dtype"]]
     loss, grads, stats = _single_process(case, world_size)
     results = [r["results"][index] for r in ranks]
 
@@ -120,6 +128,15 @@ def test_inputs_that_differ_across_ranks_fail_on_every_rank(group):
     assert all(rank["after"] > 0 for rank in ranks), "the group works after the errors"
 
 
+def test_a_layout_that_differs_across_ranks_fails_on_every_rank(group):
+    world_size, ranks = group
+    for k, rank in enumerate(ranks):
+        message = rank["mismatches"]["layout"]
+        assert message is not None, f"rank {k} accepted a layout that differs across ranks"
+        assert "same layout" in message and "layout='ntxent'" in message and "layout='cross_sym'" in message
+        assert f"rank {world_size - 1}:" in message
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_without_a_process_group_nothing_changes(layout):
     assert not dist.is_initialized()
@@ -137,7 +154,7 @@ def _expect_single_process_bits(layout):
 
 def check_one_rank_group(device, process_group_backend, tmp_path):
     """World size 1: the public path is the single-process one, bit for bit, and the
-    across-ranks path (collectives with one rank) agrees with it within MATH.md's tolerance."""
+    across-ranks path (collectives with one rank) agrees with it up to float32's floor."""
     dist.init_process_group(process_group_backend, init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         for layout in LAYOUTS:
@@ -151,9 +168,9 @@ def check_one_rank_group(device, process_group_backend, tmp_path):
             distributed.check_same_problem(a, layout)
             across, _ = fused_macl_loss(a, b, bank, cfg, resolve(backend, a.device), across_ranks=True)
             across.backward()
-            assert_rel_close(across, loss, TOLERANCE[torch.float32], f"{backend} {layout} loss")
+            assert_rel_close(across, loss, TOLERANCE_FLOOR[torch.float32], f"{backend} {layout} loss")
             for name, got, expected in zip(("dz0", "dz1"), (a.grad, b.grad), grads):
-                assert_rel_close(got, expected, TOLERANCE[torch.float32], f"{backend} {layout} {name}")
+                assert_rel_close(got, expected, TOLERANCE_FLOOR[torch.float32], f"{backend} {layout} {name}")
     finally:
         dist.destroy_process_group()
 

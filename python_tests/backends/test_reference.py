@@ -1,14 +1,12 @@
 """The dense reference against lightly, against scalar hand computation and MATH.md's closed forms."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import macl_kernels as mk
 from benchmarks.baselines import load_lightly_macl
-from macl_kernels.testing import assert_rel_close, loss_and_grads, make_views
+from macl_kernels.testing import assert_rel_close, loss_and_grads, losses_by_hand, make_views
 
 
 @pytest.fixture(scope="module")
@@ -31,55 +29,25 @@ def test_reference_equals_lightly(lightly_macl, n, d, temperature, alpha, a0):
     assert_rel_close(grads[1], b.grad, 1e-8, "dz1")
 
 
-def _scalar_anchor_loss(pos, negs, tau, reweight, eps):
-    """MATH.md section 3 by hand, with Python floats."""
-    num = math.exp(pos / tau)
-    p = num / (num + sum(math.exp(s / tau) for s in negs))
-    v = 1 / (1 - p + eps) if reweight else 1.0
-    return -v * math.log(p)
-
-
-def _unit(v):
-    norm = math.sqrt(sum(x * x for x in v))
-    return [x / norm for x in v]
-
-
-def _dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
-
-
 @pytest.mark.parametrize("layout", ["ntxent", "cross", "cross_sym", "queue"])
 @pytest.mark.parametrize("schedule, alpha", [("linear", 0.5), ("exp", 2.0)])
-@pytest.mark.parametrize("reweight", [True, False])
-def test_reference_equals_hand_computation_for_two_pairs(layout, schedule, alpha, reweight):
-    z0 = [[1.0, 0.0], [0.6, 0.8]]
-    z1 = [[0.8, 0.6], [0.0, 2.0]]
-    bank = [[-1.0, 1.0], [3.0, -1.0], [0.0, -0.5]]
-    u0, u1, q = [_unit(v) for v in z0], [_unit(v) for v in z1], [_unit(v) for v in bank]
-    a = (_dot(u0[0], u1[0]) + _dot(u0[1], u1[1])) / 2
-    tau = 0.2 * (1 + alpha * (a - 0.1)) if schedule == "linear" else 0.2 * alpha**a
-    if layout == "ntxent":
-        x = u0 + u1
-        problems = [(x[r], x[(r + 2) % 4], [x[c] for c in range(4) if c not in (r, (r + 2) % 4)]) for r in range(4)]
-    elif layout == "cross":
-        problems = [(u0[r], u1[r], [u1[1 - r]]) for r in range(2)]
-    elif layout == "cross_sym":
-        problems = [(u0[r], u1[r], [u1[1 - r]]) for r in range(2)] + [(u1[r], u0[r], [u0[1 - r]]) for r in range(2)]
-    else:
-        problems = [(u0[r], u1[r], q) for r in range(2)]
-    expected = [
-        _scalar_anchor_loss(_dot(x, p), [_dot(x, y) for y in negs], tau, reweight, 1e-8) for x, p, negs in problems
-    ]
-
+@pytest.mark.parametrize("reweight, eps", [(True, 1e-8), (True, 0.0), (True, 0.3), (False, 1e-8)])
+def test_reference_equals_hand_computation_for_two_pairs(layout, schedule, alpha, reweight, eps):
     t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    z0, z1, bank = t([[1.0, 0.0], [0.6, 0.8]]), t([[0.8, 0.6], [0.0, 2.0]]), t([[-1.0, 1.0], [3.0, -1.0], [0.0, -0.5]])
+    bank = bank if layout == "queue" else None
+    settings = dict(temperature=0.2, alpha=alpha, A_0=0.1 if schedule == "linear" else 0.0, schedule=schedule)
+    settings.update(reweight=reweight, eps=eps, layout=layout)
+    hand = losses_by_hand(z0, z1, bank, **settings)
     loss, stats = mk.macl_loss(
-        t(z0), t(z1), temperature=0.2, alpha=alpha, A_0=0.1 if schedule == "linear" else 0.0,
-        schedule=schedule, reweight=reweight, layout=layout, reduction="none",
-        negatives=t(bank) if layout == "queue" else None, backend="reference", return_stats=True,
-    )  # fmt: skip
-    torch.testing.assert_close(loss, t(expected), rtol=1e-12, atol=0)
-    assert stats.alignment.item() == pytest.approx(a, rel=1e-12)
-    assert stats.temperature.item() == pytest.approx(tau, rel=1e-12)
+        z0, z1, negatives=bank, reduction="none", backend="reference", return_stats=True, **settings
+    )
+    torch.testing.assert_close(loss, t(hand.losses), rtol=1e-13, atol=0)
+    if reweight and eps == 0:
+        assert (loss >= 1).all()  # V (-log P) = -log P / (1 - P) >= 1
+    assert stats.alignment.item() == pytest.approx(hand.alignment, rel=1e-14)
+    assert stats.temperature.item() == pytest.approx(hand.temperature, rel=1e-14)
+    assert stats.positive_prob.item() == pytest.approx(sum(hand.positive_probs) / len(hand.positive_probs), rel=1e-14)
 
 
 def test_gradient_matches_closed_form_of_math_section_4():
@@ -103,7 +71,7 @@ def test_gradient_matches_closed_form_of_math_section_4():
     g = (upstream * v / tau)[:, None] * (prob - onehot)
     dx = (g + g.T) @ x
     dz = (dx - x * (x * dx).sum(1, keepdim=True)) / norms
-    assert_rel_close(torch.cat(grads), dz, 1e-10, "dz")
+    assert_rel_close(torch.cat(grads), dz, 1e-12, "dz")
 
 
 def test_plain_nt_xent_equals_cross_entropy_form():
@@ -125,7 +93,11 @@ def test_stats_are_detached_and_consistent():
     u0, u1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
     assert stats.alignment.item() == pytest.approx((u0 * u1).sum(1).mean().item(), rel=1e-12)
     assert stats.temperature.item() == pytest.approx(0.1 * (1 + 0.5 * stats.alignment.item()), rel=1e-12)
-    assert 0 < stats.positive_prob.item() < 1
+    # The mean of P over the 24 anchors, from the dense softmax of each anchor's row.
+    x = F.normalize(torch.cat([z0, z1]), dim=1)
+    prob = (x @ x.T / stats.temperature).fill_diagonal_(float("-inf")).softmax(dim=1)
+    positive = (torch.arange(24) + 12) % 24
+    assert stats.positive_prob.item() == pytest.approx(prob[torch.arange(24), positive].mean().item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])

@@ -1,8 +1,9 @@
 """The Triton backend's own tests, in Triton's interpreter on the CPU (the conformance suite covers the loss).
 
 Here: availability, block edges and chunked embeddings (tiny tiles forced), the
-ops on their own (gradcheck, opcheck of schema/fake/autograd) and the TF32 switch.
-torch.compile tracing is in test_compile.py, GPU-only checks in test_triton_gpu.py.
+ops on their own (gradcheck, fake kernels) and the TF32 switch. opcheck of every
+op is in conformance/test_opcheck.py, torch.compile tracing in
+conformance/test_compile.py, GPU-only checks in test_triton_gpu.py.
 """
 
 import os
@@ -12,7 +13,6 @@ import torch
 import triton
 
 import macl_kernels as mk
-from macl_kernels._fused import layout_exclusions
 from macl_kernels.backends import torch_chunked
 from macl_kernels.backends import triton as triton_backend
 from macl_kernels.backends.triton import backend as backend_module
@@ -184,38 +184,6 @@ def test_half_precision_rows_are_rounded_to_nearest(dtype):
         expected = torch.nn.functional.normalize(z.float(), dim=1).to(dtype)
         assert (u != expected).float().mean() < 0.01
         assert_rel_close(u, expected, 1e-3, "u")
-
-
-def _op_cases():
-    x = _unit_rows(8, 5, 7)
-    y = _unit_rows(6, 5, 8)
-    leaf = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731
-    tau = torch.tensor(0.2, dtype=torch.float64)
-    cross = torch.cat([layout_exclusions("cross", 6, "cpu"), torch.full((2, 2), -1, dtype=torch.int32)])
-    ntxent = layout_exclusions("ntxent", 4, "cpu")
-    lse_cross = ops.negative_lse(x, y, cross, tau, False)
-    lse_ntxent = ops.negative_lse(x, None, ntxent, tau, False)
-    h = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-    z0, z1 = (_unit_rows(5, 7, seed) * 3 for seed in (10, 11))
-    return {
-        "negative_lse cross": (ops.negative_lse, (leaf(x), leaf(y), cross, tau, False)),
-        "negative_lse ntxent": (ops.negative_lse, (leaf(x), None, ntxent, tau, False)),
-        "rows": (ops.negative_lse_rows, (x, y, cross, tau, lse_cross, h, False)),
-        "rows symmetric": (ops.negative_lse_rows, (x, None, ntxent, tau, lse_ntxent, h, False)),
-        "columns": (ops.negative_lse_columns, (x, y, cross, tau, lse_cross, h, False)),
-        "normalize": (ops.normalize, (leaf(z0), leaf(z1))),
-        "normalize backward": (
-            ops.normalize_backward,
-            (z0, z1, z0.norm(dim=1), z1.norm(dim=1), None, z1, h[:5]),
-        ),
-    }
-
-
-@needs_interpreter
-@pytest.mark.parametrize("case", list(_op_cases()))
-def test_opcheck(case):
-    op, args = _op_cases()[case]
-    torch.library.opcheck(op, args)
 
 
 @needs_interpreter

@@ -49,6 +49,17 @@ def test_same_seed_same_training():
     assert a == b
 
 
+def test_paired_difference_and_its_95_percent_interval():
+    # Differences 1, 2, 3: mean 2, standard deviation 1, t(0.975, 2 degrees of freedom) = 4.302653.
+    d = demo_digits.paired_difference([1.5, 3.0, 3.5], [0.5, 1.0, 0.5])
+    assert (d.mean, d.seeds) == (2.0, 3)
+    assert (d.low, d.high) == pytest.approx((2 - 4.302653 / 3**0.5, 2 + 4.302653 / 3**0.5), rel=1e-6)
+    assert not d.significant and "NOT significant" in d.describe()  # the interval reaches below 0
+    assert demo_digits.paired_difference([0.8, 0.81, 0.79], [0.7, 0.7, 0.7]).significant
+    single = demo_digits.paired_difference([0.8], [0.7])
+    assert not single.significant and "no interval" in single.describe()
+
+
 @pytest.mark.slow
 def test_dense_loss_over_the_budget_is_oom():
     # lightly at batch 2048 needs several 4096 x 4096 float32 matrices (64 MiB each)

@@ -1,5 +1,6 @@
-"""Rows to CSV, markdown (ratios, tables) and plots, on hand-made rows."""
+"""Rows to CSV, markdown (ratios, tables) and plots, on hand-made rows; the report rebuilt from the CSV."""
 
+import json
 import os
 
 import pytest
@@ -20,11 +21,12 @@ ENV = {
     "cuda": "none",
     "date": "today",
 }
+SWEEP = {**ENV, "command": "python -m benchmarks.run", "limits": {"headline_n": 8192}, "unavailable": []}
 
 
-def _row(backend, n, status="ok", seconds=1.0, mib=10.0, mode="fwd_bwd"):
+def _row(backend, n, status="ok", seconds=1.0, mib=10.0, mode="fwd_bwd", runs=3):
     case = Case(backend, "macl", "ntxent", mode, n, 128, "float32")
-    result = {"median_s": seconds, "min_s": seconds, "runs": 3, "peak_bytes": mib * 2**20, "loss": 4.0}
+    result = {"median_s": seconds, "min_s": seconds, "runs": runs, "peak_bytes": mib * 2**20, "loss": 4.0}
     return report.make_row(case, Outcome(status, result if status == "ok" else {}), ENV)
 
 
@@ -34,7 +36,10 @@ ROWS = [
     _row("reference", 8192, seconds=1.0, mib=500.0),
     _row("torch", 16384, seconds=8.0, mib=20.0),
     _row("lightly", 16384, status="OOM"),
-    _row("reference", 16384, status="OOM"),
+    _row("reference", 16384, status="projected > 8 GiB"),
+    _row("torch", 32768, seconds=30.0, mib=40.0, runs=1),
+    _row("lightly", 32768, status="not run"),
+    _row("reference", 32768, status="not run"),
 ]
 
 
@@ -59,11 +64,28 @@ def test_headline_compares_every_fused_backend_with_every_baseline():
     assert report.headline(ROWS, 4096) == []  # nothing measured there
 
 
-def test_markdown_tables_show_failures_and_end_the_text():
-    text = report.markdown(ROWS, ENV, "python -m benchmarks.run", 8192, ["Not measured: triton"])
+def test_markdown_tables_say_what_ran_and_end_the_text():
+    text = report.markdown(ROWS, {**SWEEP, "unavailable": ["Not measured: triton"], "elapsed_s": 396.2})
     assert "- Not measured: triton" in text
+    assert "The sweep took 6 min 36 s of wall-clock time." in text
     assert "| `torch` | `lightly` | `reference` |" in text  # fused backends first
-    assert text.splitlines()[-1] == "| 16384 | 20 MiB | OOM | OOM |"
+    # Only a run that failed says OOM; a projection says so; a single run is marked.
+    assert "| 16384 | 8.00 s, 137 GFLOP/s | OOM | projected > 8 GiB |" in text
+    assert "| 32768 | 30.00 s (1 run), 147 GFLOP/s | not run | not run |" in text
+    assert "median" not in text.split("\n## ")[1]  # the tables never call a single run a median
+    assert text.splitlines()[-1] == "| 32768 | 40 MiB | not run | not run |"
+    assert "took" not in report.markdown(ROWS, SWEEP)  # no elapsed time recorded: no claim
+
+
+def test_report_is_rebuilt_from_the_csv_and_machine_json(tmp_path):
+    report.write_csv(ROWS, str(tmp_path / "results.csv"))
+    (tmp_path / "machine.json").write_text(json.dumps(SWEEP))
+    assert report.main([str(tmp_path), "--no-plots"]) == 0
+    assert (tmp_path / "results.md").read_text() == report.markdown(ROWS, SWEEP) + "\n"
+
+
+def test_durations():
+    assert [report.format_duration(s) for s in (59.6, 60.0, 396.2)] == ["1 min 0 s", "1 min 0 s", "6 min 36 s"]
 
 
 def test_plots_one_png_per_group(tmp_path):

@@ -12,10 +12,11 @@ from macl_kernels.backends import resolve
 from macl_kernels.testing import (
     DTYPES,
     LAYOUTS,
-    TOLERANCE,
     assert_matches_reference,
+    assert_rel_close,
     bitwise_equal,
     loss_and_grads,
+    losses_by_hand,
     stats_dict,
 )
 from python_tests.conformance.conftest import DEVICE, views
@@ -59,7 +60,9 @@ EDGE_CASES = {
     "zero rows": dict(mutate=lambda z0, z1: (z0.index_fill(0, torch.tensor([0, 3]), 0.0), z1)),
     "duplicated rows": dict(mutate=lambda z0, z1: (z0.index_copy(0, torch.tensor([1]), z0[2:3]), z1)),
     "identical views": dict(mutate=lambda z0, z1: (z0, z0.clone())),
-    "tau at its floor": dict(kwargs=dict(temperature=0.1, alpha=1.0, A_0=1.0, min_temperature=1e-3)),
+    # 0.1 * (1 + (A - 2)) < 0 for every A <= 1: the floor binds (checked through the statistics). A floor
+    # far lower would put every anchor's loss, about e^-(s+ - s-) / tau, below float32's range.
+    "tau at its floor": dict(kwargs=dict(temperature=0.1, alpha=1.0, A_0=2.0, min_temperature=0.02)),
     "confident positives (1 - P < 1e-30)": dict(kwargs=dict(temperature=0.005), correlation=0.0),
     "exact reweighting eps = 0": dict(kwargs=dict(eps=0.0, temperature=0.005), correlation=0.0),
 }
@@ -79,9 +82,28 @@ def test_finite_and_exact_on_edge_cases(backend, case, dtype):
     kwargs = spec.get("kwargs", {})
     loss, grads = loss_and_grads(z0, z1, backend=backend, reduction="none", **kwargs)
     assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
-    # A cosine's rounding error (about 1 ulp) reaches the logits as ulp / tau: MATH.md's tolerances hold at tau ~ 0.1.
-    tol = TOLERANCE[dtype] * max(1.0, 0.1 / kwargs.get("temperature", 0.1))
-    assert_matches_reference(backend, z0, z1, reduction="none", tol=tol, **kwargs)
+    if "min_temperature" in kwargs:
+        _, stats = mk.macl_loss(z0, z1, backend=backend, return_stats=True, **kwargs)
+        floor = torch.tensor(kwargs["min_temperature"], dtype=stats.temperature.dtype)
+        assert stats.temperature.item() == floor.item(), "the temperature is at its floor"
+    # A cosine's rounding error reaches the logits as ulp / tau: the dense run in the same dtype measures it.
+    assert_matches_reference(backend, z0, z1, reduction="none", **kwargs)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_losses_and_statistics_equal_a_hand_computation(backend, layout, eps):
+    """MATH.md with Python floats (losses_by_hand), which shares no code with the package: _math.py is checked too."""
+    z0, z1, bank = views(3, 4, torch.float64, seed=11, layout=layout)
+    settings = dict(layout=layout, eps=eps, temperature=0.2, alpha=0.7, A_0=0.1)
+    hand = losses_by_hand(z0, z1, bank, **settings)
+    loss, stats = mk.macl_loss(z0, z1, negatives=bank, reduction="none", backend=backend, return_stats=True, **settings)
+    assert_rel_close(loss, torch.tensor(hand.losses, dtype=torch.float64), 1e-12, f"{backend} per-anchor losses")
+    if eps == 0.0:
+        assert (loss >= 1).all(), "eps = 0: each loss is -log P / (1 - P) >= 1"
+    assert stats.alignment.item() == pytest.approx(hand.alignment, rel=1e-12)
+    assert stats.temperature.item() == pytest.approx(hand.temperature, rel=1e-12)
+    assert stats.positive_prob.item() == pytest.approx(sum(hand.positive_probs) / len(hand.positive_probs), rel=1e-12)
 
 
 def test_two_pairs_every_layout(backend):
