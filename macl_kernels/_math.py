@@ -31,7 +31,9 @@ def adaptive_temperature(alignment: torch.Tensor, cfg: MACLConfig) -> torch.Tens
 
 def anchor_loss_value(d: torch.Tensor, reweight: bool, eps: float) -> torch.Tensor:
     """loss_r = V * softplus(-d) with V = 1 / (sigmoid(-d) + eps), or V = 1 without reweighting."""
-    nll = F.softplus(-d)  # -log P, exact from d
+    # -log P, exact from d. softplus is linear past its threshold (default 20), which is off by
+    # e^-x / x relative: 1e-10 at 20, too much for float64; at 40 it is below float64's rounding.
+    nll = F.softplus(-d, threshold=40)
     if not reweight:
         return nll
     if eps > 0:
