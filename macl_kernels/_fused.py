@@ -16,7 +16,7 @@ import torch
 from . import distributed
 from ._config import MACLConfig
 from ._math import adaptive_temperature, anchor_loss, reduce_loss
-from ._stats import MACLStats
+from ._stats import MACLStats, make_stats
 from .backends.base import Backend, normalize_rows
 
 NO_COLUMN = -1  # an unused slot of the excluded-columns table
@@ -90,6 +90,5 @@ def fused_macl_loss(
     loss = reduce_loss(anchor_loss(d, cfg), cfg.reduction)
     if not with_stats:
         return loss, None
-    positive_prob = torch.sigmoid(d.detach())
-    mean_prob = distributed.global_mean(positive_prob) if across_ranks else positive_prob.mean()
-    return loss, MACLStats(alignment, tau.detach(), mean_prob)
+    mean = distributed.global_mean if across_ranks else torch.mean
+    return loss, make_stats(alignment, tau, torch.sigmoid(d), mean)
