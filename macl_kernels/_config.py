@@ -15,7 +15,9 @@ from typing import Optional
 
 import torch
 
-LAYOUTS = ("ntxent", "cross", "cross_sym", "queue")
+from . import _layouts
+
+LAYOUTS = tuple(_layouts.LAYOUTS)  # the names; each layout is described in _layouts
 SCHEDULES = ("linear", "exp")
 REDUCTIONS = ("mean", "sum", "none")
 

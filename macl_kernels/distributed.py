@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ._config import LAYOUTS, MACLConfig
+from ._layouts import own_anchor_rows
 from ._math import reduce_loss
 from ._stats import MACLStats
 from .backends.reference import macl_loss_reference
@@ -105,11 +106,13 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(rows)
 
 
-def gather_views(u0: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
-    """(2, world_size * n, D): all ranks' u0 rows, then all ranks' u1 rows, gathered in one collective."""
-    n, d = u0.shape
-    gathered = gather_rows(torch.cat([u0, u1])).view(-1, 2, n, d)  # rank-major: u0, u1 of each rank
-    return gathered.transpose(0, 1).reshape(2, -1, d)
+def gather_views(*views: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Every rank's rows of each view (all n x D), each in rank order: one differentiable collective for all."""
+    if len(views) <= 1:
+        return tuple(gather_rows(view) for view in views)
+    n, d = views[0].shape
+    gathered = gather_rows(torch.cat(views)).view(-1, len(views), n, d)  # rank-major: each rank's views in turn
+    return tuple(gathered.transpose(0, 1).reshape(len(views), -1, d).unbind(0))
 
 
 def global_mean(values: torch.Tensor) -> torch.Tensor:
@@ -117,14 +120,6 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
     total = values.detach().sum()
     dist.all_reduce(total)
     return total / (values.numel() * dist.get_world_size())
-
-
-def own_anchor_rows(layout: str, n: int, rank: int, world_size: int, device: torch.device) -> torch.Tensor:
-    """Indices of this rank's anchors in the anchor order of the global batch (MATH.md section 1)."""
-    rows = torch.arange(n, device=device) + rank * n
-    if layout in ("ntxent", "cross_sym"):  # anchors: every u0 row, then every u1 row
-        return torch.cat([rows, rows + world_size * n])
-    return rows
 
 
 def reference_loss_across_ranks(

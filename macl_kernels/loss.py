@@ -131,30 +131,15 @@ class MACLLoss(nn.Module):
         alpha: float = 0.5,
         A_0: float = 0.0,
         *,
-        schedule: str = "linear",
-        reweight: bool = True,
-        eps: float = 1e-8,
-        min_temperature: float = DEFAULT_MIN_TEMPERATURE,
-        layout: str = "ntxent",
-        reduction: str = "mean",
-        gather_distributed: bool = False,
         backend: str = "auto",
         return_stats: bool = False,
+        **settings,
     ) -> None:
         super().__init__()
-        # Checked here so that a bad setting fails at construction, not at step 1.
-        self.config = MACLConfig(
-            temperature=temperature,
-            alpha=alpha,
-            A_0=A_0,
-            schedule=schedule,
-            reweight=reweight,
-            eps=eps,
-            min_temperature=min_temperature,
-            layout=layout,
-            reduction=reduction,
-            gather_distributed=gather_distributed,
-        )
+        # Checked here so that a bad setting fails at construction, not at step 1. The other
+        # settings of macl_loss (schedule, reweight, eps, min_temperature, layout, reduction,
+        # gather_distributed) are MACLConfig's fields, with its defaults (those of macl_loss).
+        self.config = MACLConfig(temperature=temperature, alpha=alpha, A_0=A_0, **settings)
         backends.check_name(backend)
         if not isinstance(return_stats, bool):
             raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
