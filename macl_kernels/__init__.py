@@ -10,6 +10,7 @@ from ._config import MACLConfig
 from ._stats import MACLStats
 from .backends import available_backends, known_backends
 from .loss import MACLLoss, NTXentLoss, macl_loss, nt_xent_loss
+from .memory_bank import MemoryBank
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "MACLConfig",
     "MACLLoss",
     "MACLStats",
+    "MemoryBank",
     "NTXentLoss",
     "available_backends",
     "known_backends",

@@ -28,6 +28,24 @@ def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
 
 
+def _with_tau_gradient(x: torch.Tensor, tau: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """``x`` as the op should read it so that a learnable tau gets its exact gradient (MATH.md section 8).
+
+    The op takes tau as a constant. Its log-sum-exp depends on tau only through
+    x / tau (x / sqrt(tau) twice when ``y`` is None), so it reads x * (tau' / tau) with
+    tau' = tau detached: 1 in value, x bit for bit, while autograd hands tau the
+    gradient -(1/tau) sum_r x_r . dx_r (halved for ``y`` None) from the op's own
+    anchor gradient dx. No kernel change, O(M*D) work, and nothing at all unless
+    tau requires a gradient.
+    """
+    if not tau.requires_grad:
+        return x
+    ratio = tau.detach() / tau
+    if symmetric:
+        ratio = ratio.sqrt()
+    return (x.to(ratio.dtype) * ratio).to(x.dtype)  # the product in the accumulation dtype, for tau's sum
+
+
 def _direction_lse(
     backend: Backend,
     direction: Direction,
@@ -55,9 +73,10 @@ def _direction_lse(
         else:
             y = _cat([(views if candidates is None else candidates)[v] for v in direction.candidates])
         excluded = exclusion_table(direction, n, x.device, rank=rank, world_size=world_size)
-        parts.append(backend.negative_lse(x, y, excluded, tau))
+        parts.append(backend.negative_lse(_with_tau_gradient(x, tau, y is None), y, excluded, tau.detach()))
     if direction.extra_negatives and extra is not None:
-        parts.append(backend.negative_lse(x, extra, no_exclusions(x.shape[0], x.device), tau))
+        anchors = _with_tau_gradient(x, tau, symmetric=False)
+        parts.append(backend.negative_lse(anchors, extra, no_exclusions(x.shape[0], x.device), tau.detach()))
     if not parts:  # no negative at all (one pair): LSE- = -inf, so d = +inf, loss 0 (MATH.md section 8)
         return torch.full((x.shape[0],), float("-inf"), dtype=tau.dtype, device=x.device)
     return parts[0] if len(parts) == 1 else torch.logaddexp(parts[0], parts[1])
@@ -92,17 +111,22 @@ def fused_macl_loss(
         gathered = distributed.gather_views(*(views[v] for v in layout.candidate_views))
         candidates = dict(zip(layout.candidate_views, gathered))
     extra = None
-    if negatives is not None:  # the queue's bank: normalized like the inputs, no gradient, not gathered
-        _, extra = normalize_rows(negatives.detach())
+    if negatives is not None:  # normalized like the inputs; a gradient only if they require one
+        _, extra = normalize_rows(negatives)
+        if across_ranks and layout.gathers_negatives:
+            extra = distributed.gather_rows(extra)
 
-    lse = _cat(
+    positive = positive_cos / tau
+    # d = l+ - LSE-, direction by direction. (Concatenating the LSEs first and subtracting after
+    # lets inductor write the ops' saved outputs into the concatenation's buffer and then reuse
+    # that buffer in the backward while they still alias it: wrong gradients on torch 2.14.)
+    d = _cat(
         [
-            _direction_lse(backend, direction, views, candidates, extra, tau, rank=rank, world_size=world_size)
+            _cat([positive] * len(direction.anchors))
+            - _direction_lse(backend, direction, views, candidates, extra, tau, rank=rank, world_size=world_size)
             for direction in layout.directions
         ]
     )
-    positive_cos = _cat([positive_cos] * len(layout.anchor_views))  # the same pair's cosine for either anchor
-    d = positive_cos / tau - lse
     loss = reduce_loss(anchor_loss(d, cfg), cfg.reduction)
     if not with_stats:
         return loss, None
