@@ -191,9 +191,7 @@ def test_clip_loss_with_a_learnable_scale(backend):
         log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), dtype=torch.float64))
         u0, u1 = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
         if use_ours:
-            loss = mk.macl_loss(
-                u0, u1, temperature=1 / log_scale.exp(), layout="cross_sym", alpha=0.0, reweight=False, backend=backend
-            )
+            loss = mk.nt_xent_loss(u0, u1, temperature=1 / log_scale.exp(), layout="cross_sym", backend=backend)
         else:
             loss = _open_clip_loss(u0, u1, log_scale.exp())
         loss.backward()
