@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import backends, distributed
-from ._config import DEFAULT_MIN_TEMPERATURE, MACLConfig, check_inputs, promote
+from ._config import DEFAULT_MIN_TEMPERATURE, MACLConfig, _check_matrix, check_inputs, promote
 from ._fused import fused_macl_loss
 from ._stats import MACLStats
 from .backends.reference import macl_loss_reference
@@ -199,6 +199,7 @@ class MACLLoss(nn.Module):
             return _run(z0, z1, negatives, cfg, self.backend, self.return_stats)
         if negatives is not None:
             raise ValueError("this loss has a memory bank: its negatives come from the bank, pass none")
+        _check_matrix("z1", z1)  # before the bank reads its width
         out = _run(z0, z1, self.memory_bank.negatives(z1), cfg, self.backend, self.return_stats)
         if isinstance(z0, torch.Tensor) and z0.requires_grad:  # after the loss, as lightly's NTXentLoss
             self.memory_bank.update(z1)

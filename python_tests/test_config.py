@@ -110,6 +110,8 @@ def test_a_loss_with_a_bank_takes_no_other_negatives():
         criterion(Z, Z, torch.randn(5, 3))
     with pytest.raises(ValueError, match="width 3"):
         criterion(torch.randn(4, 5), torch.randn(4, 5))
+    with pytest.raises(TypeError, match="z1 must be a torch.Tensor"):
+        criterion(Z, [[1.0, 2.0, 3.0]])
 
 
 def test_checks_run_before_any_compute(monkeypatch):
