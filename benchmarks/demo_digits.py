@@ -94,7 +94,7 @@ def losses(backend: str = "auto") -> Dict[str, LossFn]:
     """MACL (lightly's defaults) and NT-Xent at the same base temperature, with their statistics."""
     return {
         "MACL": functools.partial(mk.macl_loss, backend=backend, return_stats=True),
-        "NT-Xent": functools.partial(mk.nt_xent_loss, backend=backend, return_stats=True),
+        "NT-Xent": functools.partial(mk.nt_xent_loss, temperature=0.1, backend=backend, return_stats=True),
     }
 
 

@@ -11,6 +11,7 @@ from ._stats import MACLStats
 from .backends import available_backends, known_backends
 from .grad_cache import GradCache
 from .loss import MACLLoss, NTXentLoss, macl_loss, nt_xent_loss
+from .memory_bank import MemoryBank
 
 __version__ = "0.1.0"  # the one place the version is written (setup.py reads it)
 
@@ -19,6 +20,7 @@ __all__ = [
     "MACLConfig",
     "MACLLoss",
     "MACLStats",
+    "MemoryBank",
     "NTXentLoss",
     "available_backends",
     "known_backends",

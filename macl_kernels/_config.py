@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Real
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 
-LAYOUTS = ("ntxent", "cross", "cross_sym", "queue")
+from . import _layouts
+
+LAYOUTS = tuple(_layouts.LAYOUTS)  # the names; each layout is described in _layouts
 SCHEDULES = ("linear", "exp")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -27,9 +29,16 @@ DEFAULT_MIN_TEMPERATURE = 1e-4
 
 @dataclass(frozen=True)
 class MACLConfig:
-    """The checked hyper-parameters of one MACL loss (see MATH.md sections 2-3)."""
+    """The checked hyper-parameters of one MACL loss (see MATH.md sections 2-3 and 8).
 
-    temperature: float = 0.1
+    ``temperature`` is a float > 0, or a 0-dim floating-point tensor T (any autograd
+    expression, e.g. CLIP's ``1 / logit_scale.exp()``, or an ``nn.Parameter``) that
+    then gets the exact gradient of MATH.md section 8. A tensor's value is not
+    checked (that would cost a host synchronization every step); tau is floored at
+    ``min_temperature`` whatever it holds.
+    """
+
+    temperature: Union[float, torch.Tensor] = 0.1
     alpha: float = 0.5
     A_0: float = 0.0
     schedule: str = "linear"
@@ -41,7 +50,7 @@ class MACLConfig:
     gather_distributed: bool = False  # anchors against every rank's candidates (macl_kernels.distributed)
 
     def __post_init__(self) -> None:
-        _check_real("temperature", self.temperature, positive=True)
+        _check_temperature(self.temperature)
         _check_real("alpha", self.alpha)
         _check_real("A_0", self.A_0)
         _check_real("eps", self.eps, non_negative=True)
@@ -68,6 +77,15 @@ def _check_real(name: str, value, *, positive: bool = False, non_negative: bool 
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def _check_temperature(value) -> None:
+    if not isinstance(value, torch.Tensor):
+        _check_real("temperature", value, positive=True)
+    elif value.dim() != 0:
+        raise ValueError(f"temperature as a tensor must be 0-dim (a scalar), got shape {tuple(value.shape)}")
+    elif not value.is_floating_point():
+        raise TypeError(f"temperature as a tensor must have a floating-point dtype, got {value.dtype}")
+
+
 def _check_choice(name: str, value, choices) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, one of {list(choices)}, got {type(value).__name__}")
@@ -90,31 +108,39 @@ def _check_matrix(name: str, t) -> None:
 
 
 def check_inputs(z0, z1, negatives: Optional[torch.Tensor], layout: str) -> None:
-    """Check the embeddings (and the bank of the ``queue`` layout) of one call."""
+    """Check the embeddings and the extra negatives (the bank of the ``queue`` layout) of one call."""
     _check_matrix("z0", z0)
     _check_matrix("z1", z1)
     if z0.shape != z1.shape:
         raise ValueError(f"z0 and z1 must have the same shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
     n, d = z0.shape
-    if n < 2:
-        raise ValueError(f"z0 and z1 need at least 2 rows (samples) to have a negative, got {n}")
+    if n < 1:
+        raise ValueError(f"z0 and z1 need at least 1 row (sample), got {n}")
     if d < 1:
         raise ValueError(f"z0 and z1 need an embedding dimension >= 1, got {d}")
-    if z0.dtype != z1.dtype:
-        raise TypeError(f"z0 and z1 must have the same dtype, got {z0.dtype} and {z1.dtype}")
     if z0.device != z1.device:
         raise ValueError(f"z0 and z1 must be on the same device, got {z0.device} and {z1.device}")
-    if layout == "queue":
-        if negatives is None:
-            raise ValueError("layout='queue' needs negatives=, the K x D bank of negatives")
-        _check_matrix("negatives", negatives)
-        if negatives.shape[1] != d:
-            raise ValueError(f"negatives must have the embedding width of z0 ({d}), got shape {tuple(negatives.shape)}")
-        if negatives.shape[0] < 1:
-            raise ValueError("negatives must hold at least one row")
-        if negatives.dtype != z0.dtype:
-            raise TypeError(f"negatives must have the dtype of z0 ({z0.dtype}), got {negatives.dtype}")
-        if negatives.device != z0.device:
-            raise ValueError(f"negatives must be on the device of z0 ({z0.device}), got {negatives.device}")
-    elif negatives is not None:
-        raise ValueError(f"negatives= is only used by layout='queue', got layout={layout!r}")
+    if negatives is None:
+        if _layouts.LAYOUTS[layout].needs_negatives:
+            raise ValueError(f"layout={layout!r} needs negatives=, the K x D bank of negatives")
+        return
+    _check_matrix("negatives", negatives)
+    if negatives.shape[1] != d:
+        raise ValueError(f"negatives must have the embedding width of z0 ({d}), got shape {tuple(negatives.shape)}")
+    if negatives.shape[0] < 1:
+        raise ValueError("negatives must hold at least one row (pass None for no extra negatives)")
+    if negatives.device != z0.device:
+        raise ValueError(f"negatives must be on the device of z0 ({z0.device}), got {negatives.device}")
+
+
+def promote(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """The tensors (None skipped) cast to their widest floating dtype, where mixed precision is computed.
+
+    The casts are differentiable (gradients come back in each input's dtype) and
+    copy nothing for a tensor already in that dtype.
+    """
+    dtypes = [t.dtype for t in tensors if t is not None]
+    wide = dtypes[0]
+    for dtype in dtypes[1:]:
+        wide = torch.promote_types(wide, dtype)
+    return tuple(None if t is None else t.to(wide) for t in tensors)

@@ -1,48 +1,85 @@
 """The loss assembled around a backend's negatives' log-sum-exp.
 
-Per layout (MATH.md section 1) this normalizes the views, takes the positive
-cosines as row-wise dots, derives A and tau on the device, asks the backend for
-the log-sum-exp over each anchor's negatives and finishes with the shared
-per-anchor math. Only O(N*D) tensors are ever formed here (across ranks:
+For each direction of the layout (:mod:`macl_kernels._layouts`) this normalizes the
+views, takes the positive cosines as row-wise dots, derives A and tau on the device,
+asks the backend for the log-sum-exp over each anchor's negatives and finishes with
+the shared per-anchor math. Only O(N*D) tensors are ever formed here (across ranks:
 O(world_size * N * D) for the gathered candidates).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from . import distributed
 from ._config import MACLConfig
+from ._layouts import LAYOUTS, Direction, exclusion_table, layout_exclusions, no_exclusions
 from ._math import adaptive_temperature, anchor_loss, reduce_loss
-from ._stats import MACLStats
+from ._stats import MACLStats, make_stats
 from .backends.base import Backend, normalize_rows
 
-NO_COLUMN = -1  # an unused slot of the excluded-columns table
+__all__ = ["fused_macl_loss", "layout_exclusions"]
 
 
-def excluded_columns(first: torch.Tensor, second: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The (M, 2) int32 table of columns that are not negatives (see backends.base)."""
-    if second is None:
-        second = torch.full_like(first, NO_COLUMN)
-    return torch.stack([first, second], dim=1).to(torch.int32)
+def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along rows, without a copy for a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
 
 
-def layout_exclusions(layout: str, n: int, device: torch.device, *, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """Per-anchor excluded columns of the n pairs of one rank, in a global batch of world_size * n pairs.
+def _with_tau_gradient(x: torch.Tensor, tau: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """``x`` as the op should read it so that a learnable tau gets its exact gradient (MATH.md section 8).
 
-    The candidates are those of the global batch (for ``ntxent``: all u0 rows, then
-    all u1 rows), in which this rank's pairs start at row ``rank * n``.
+    The op takes tau as a constant. Its log-sum-exp depends on tau only through
+    x / tau (x / sqrt(tau) twice when ``y`` is None), so it reads x * (tau' / tau) with
+    tau' = tau detached: 1 in value, x bit for bit, while autograd hands tau the
+    gradient -(1/tau) sum_r x_r . dx_r (halved for ``y`` None) from the op's own
+    anchor gradient dx. No kernel change, O(M*D) work, and nothing at all unless
+    tau requires a gradient.
     """
-    rows = torch.arange(n, device=device) + rank * n
-    if layout == "ntxent":
-        total = world_size * n
-        anchors = torch.cat([rows, rows + total])
-        return excluded_columns(anchors, (anchors + total) % (2 * total))  # itself and its positive
-    if layout in ("cross", "cross_sym"):
-        return excluded_columns(rows)  # the positive column
-    return excluded_columns(torch.full_like(rows, NO_COLUMN))  # queue: the bank holds negatives only
+    if not tau.requires_grad:
+        return x
+    ratio = tau.detach() / tau
+    if symmetric:
+        ratio = ratio.sqrt()
+    return (x.to(ratio.dtype) * ratio).to(x.dtype)  # the product in the accumulation dtype, for tau's sum
+
+
+def _direction_lse(
+    backend: Backend,
+    direction: Direction,
+    views: Sequence[torch.Tensor],
+    candidates: Optional[Sequence[torch.Tensor]],
+    extra: Optional[torch.Tensor],
+    tau: torch.Tensor,
+    *,
+    rank: int,
+    world_size: int,
+) -> torch.Tensor:
+    """The negatives' log-sum-exp of one direction's anchors.
+
+    ``candidates``: the views as candidates (gathered across ranks), or None in one
+    process, where a symmetric direction passes ``y=None``. The in-batch candidates
+    and the extra negatives are two calls of the op joined by a logaddexp, so that
+    the symmetric call keeps its symmetry and a bank without gradient costs none.
+    """
+    x = _cat([views[v] for v in direction.anchors])
+    n = views[0].shape[0]
+    parts = []
+    if direction.in_batch_negatives(world_size * n) > 0:
+        if candidates is None and direction.symmetric:
+            y = None
+        else:
+            y = _cat([(views if candidates is None else candidates)[v] for v in direction.candidates])
+        excluded = exclusion_table(direction, n, x.device, rank=rank, world_size=world_size)
+        parts.append(backend.negative_lse(_with_tau_gradient(x, tau, y is None), y, excluded, tau.detach()))
+    if direction.extra_negatives and extra is not None:
+        anchors = _with_tau_gradient(x, tau, symmetric=False)
+        parts.append(backend.negative_lse(anchors, extra, no_exclusions(x.shape[0], x.device), tau.detach()))
+    if not parts:  # no negative at all (one pair): LSE- = -inf, so d = +inf, loss 0 (MATH.md section 8)
+        return torch.full((x.shape[0],), float("-inf"), dtype=tau.dtype, device=x.device)
+    return parts[0] if len(parts) == 1 else torch.logaddexp(parts[0], parts[1])
 
 
 def fused_macl_loss(
@@ -61,35 +98,37 @@ def fused_macl_loss(
     process group, with one global A (see :mod:`macl_kernels.distributed`); inputs
     are then assumed to agree across ranks too, and ``y`` is never None for the backend.
     """
+    layout = LAYOUTS[cfg.layout]
     u0, u1, positive_cos = backend.normalize(z0, z1)
     # One A, hence one tau, for the whole (global) batch.
     alignment = distributed.global_mean(positive_cos) if across_ranks else positive_cos.detach().mean()
     tau = adaptive_temperature(alignment, cfg)
 
-    n = z0.shape[0]
-    rank, world_size = (distributed.rank(), distributed.world_size()) if across_ranks else (0, 1)
-    excluded = layout_exclusions(cfg.layout, n, z0.device, rank=rank, world_size=world_size)
-    if cfg.layout == "ntxent":
-        # In one process the candidates are the anchors themselves: y=None lets backends use the symmetry.
-        candidates = distributed.gather_views(u0, u1).flatten(0, 1) if across_ranks else None
-        lse = backend.negative_lse(torch.cat([u0, u1]), candidates, excluded, tau)
-        positive_cos = torch.cat([positive_cos, positive_cos])
-    elif cfg.layout == "cross":
-        lse = backend.negative_lse(u0, distributed.gather_rows(u1) if across_ranks else u1, excluded, tau)
-    elif cfg.layout == "cross_sym":
-        all_u0, all_u1 = distributed.gather_views(u0, u1) if across_ranks else (u0, u1)
-        lse = torch.cat(
-            [backend.negative_lse(u0, all_u1, excluded, tau), backend.negative_lse(u1, all_u0, excluded, tau)]
-        )
-        positive_cos = torch.cat([positive_cos, positive_cos])
-    else:  # queue: the bank is normalized like the inputs, gets no gradient and is not gathered
-        _, bank = normalize_rows(negatives.detach())
-        lse = backend.negative_lse(u0, bank, excluded, tau)
+    views = (u0, u1)
+    rank, world_size, candidates = 0, 1, None
+    if across_ranks:
+        rank, world_size = distributed.rank(), distributed.world_size()
+        gathered = distributed.gather_views(*(views[v] for v in layout.candidate_views))
+        candidates = dict(zip(layout.candidate_views, gathered))
+    extra = None
+    if negatives is not None:  # normalized like the inputs; a gradient only if they require one
+        _, extra = normalize_rows(negatives)
+        if across_ranks and layout.gathers_negatives:
+            extra = distributed.gather_rows(extra)
 
-    d = positive_cos / tau - lse
+    positive = positive_cos / tau
+    # d = l+ - LSE-, direction by direction. (Concatenating the LSEs first and subtracting after
+    # lets inductor write the ops' saved outputs into the concatenation's buffer and then reuse
+    # that buffer in the backward while they still alias it: wrong gradients on torch 2.14.)
+    d = _cat(
+        [
+            _cat([positive] * len(direction.anchors))
+            - _direction_lse(backend, direction, views, candidates, extra, tau, rank=rank, world_size=world_size)
+            for direction in layout.directions
+        ]
+    )
     loss = reduce_loss(anchor_loss(d, cfg), cfg.reduction)
     if not with_stats:
         return loss, None
-    positive_prob = torch.sigmoid(d.detach())
-    mean_prob = distributed.global_mean(positive_prob) if across_ranks else positive_prob.mean()
-    return loss, MACLStats(alignment, tau.detach(), mean_prob)
+    mean = distributed.global_mean if across_ranks else torch.mean
+    return loss, make_stats(alignment, tau, torch.sigmoid(d), mean)

@@ -20,11 +20,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def adaptive_temperature(alignment: torch.Tensor, cfg: MACLConfig) -> torch.Tensor:
-    """tau from the (detached) alignment A, on A's device: no host synchronization."""
+    """tau from the (detached) alignment A, on A's device: no host synchronization.
+
+    A tensor temperature T keeps its autograd graph: dtau/dT is the schedule's factor
+    (0 where the floor binds), MATH.md section 8.
+    """
+    base = cfg.temperature
+    if isinstance(base, torch.Tensor):
+        base = base.to(alignment)  # A's dtype and device, differentiably
     if cfg.schedule == "linear":
-        tau = cfg.temperature * (1.0 + cfg.alpha * (alignment - cfg.A_0))
+        tau = base * (1.0 + cfg.alpha * (alignment - cfg.A_0))
     else:  # "exp": the arXiv v1/v2 "MACLa" schedule
-        tau = cfg.temperature * torch.pow(torch.full_like(alignment, cfg.alpha), alignment)
+        tau = base * torch.pow(torch.full_like(alignment, cfg.alpha), alignment)
     # MATH.md section 2: nothing stops tau <= 0, so it is floored, never NaN.
     return tau.clamp_min(cfg.min_temperature)
 
@@ -44,7 +51,8 @@ def anchor_loss_value(d: torch.Tensor, reweight: bool, eps: float) -> torch.Tens
     t = torch.exp(-d.clamp_min(0))
     ratio = torch.where(t > 0, torch.log1p(t) / t.clamp_min(torch.finfo(d.dtype).tiny), torch.ones_like(t))
     tail = torch.where(d > 0, ratio, torch.exp(d) * nll)
-    return nll + tail
+    # d = +inf: a row without negatives (one pair, MATH.md section 8) has loss 0, not the limit 1.
+    return torch.where(d == float("inf"), 0.0, nll + tail)
 
 
 def anchor_loss_slope(d: torch.Tensor, reweight: bool, eps: float) -> torch.Tensor:
@@ -54,7 +62,7 @@ def anchor_loss_slope(d: torch.Tensor, reweight: bool, eps: float) -> torch.Tens
         return one_minus_p
     if eps > 0:
         return one_minus_p / (one_minus_p + eps)
-    return torch.ones_like(d)  # V * (1 - P) = 1 exactly when eps = 0
+    return (d != float("inf")).to(d.dtype)  # V * (1 - P) = 1 exactly when eps = 0; 0 without negatives
 
 
 class _AnchorLoss(torch.autograd.Function):

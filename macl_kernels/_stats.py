@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -12,8 +12,14 @@ class MACLStats(NamedTuple):
 
     alignment: torch.Tensor  # A: mean cosine of the positive pairs
     temperature: torch.Tensor  # tau used, after the floor
-    positive_prob: torch.Tensor  # mean over anchors of P = sigmoid(d)
+    positive_prob: torch.Tensor  # mean over anchors of P, the positive's probability
 
 
-def make_stats(alignment: torch.Tensor, tau: torch.Tensor, d: torch.Tensor) -> MACLStats:
-    return MACLStats(alignment.detach(), tau.detach(), torch.sigmoid(d.detach()).mean())
+def make_stats(
+    alignment: torch.Tensor,
+    tau: torch.Tensor,
+    positive_prob: torch.Tensor,
+    mean: Callable[[torch.Tensor], torch.Tensor] = torch.mean,
+) -> MACLStats:
+    """The statistics from A, tau and the per-anchor P; ``mean`` averages P (across ranks when distributed)."""
+    return MACLStats(alignment.detach(), tau.detach(), mean(positive_prob.detach()))

@@ -15,10 +15,17 @@ is the sum over its anchors and the rank gets its slice of the global sum's grad
 with ``"none"`` it gets the rank's per-anchor losses (for ``ntxent`` and ``cross_sym``:
 its z0 anchors, then its z1 anchors).
 
+Extra negatives (``negatives=`` of ``ntxent``, ``cross``, ``cross_sym``) are per rank
+and gathered like z1: every anchor sees all ranks' negatives, and their gradient
+follows the convention above. The ``queue`` bank is not gathered: one bank shared by
+all ranks. A tensor temperature T gets on each rank the gradient of that rank's loss
+(T is not gathered), so DDP's averaging of T's gradient, as a parameter of the
+DDP-wrapped module, gives the gradient of the global mean too.
+
 Costs per call: one small all_gather of the shapes (and a host read of it, so that a
 mismatch is a ValueError on every rank instead of a hang), one all_reduce of A, the
-all_gather of the needed normalized views, and in backward one all_reduce of their
-gradient. ``return_stats=True`` adds one all_reduce for the global mean P. As with
+all_gather of the needed normalized views (and one of the extra negatives), and in
+backward one all_reduce of their gradient. ``return_stats=True`` adds one all_reduce for the global mean P. As with
 DDP itself, every rank must run the forward and the backward of each step: the
 backward's all_reduce waits for all of them.
 
@@ -36,6 +43,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from . import _layouts
 from ._config import LAYOUTS, MACLConfig
 from ._math import reduce_loss
 from ._stats import MACLStats
@@ -59,25 +67,27 @@ def rank() -> int:
     return dist.get_rank()
 
 
-def check_same_problem(z0: torch.Tensor, layout: str) -> None:
-    """Raise the same ValueError on every rank unless all ranks hold z0/z1 of one shape, dtype and layout.
+def check_same_problem(z0: torch.Tensor, layout: str, negatives: Optional[torch.Tensor] = None) -> None:
+    """Raise the same ValueError on every rank unless all ranks hold z0/z1 of one shape, dtype and layout
+    (and as many extra negatives).
 
     The collectives that follow need equal shapes everywhere; without this check a
     mismatch would hang or fail deep inside the communication library.
     """
     n, d = z0.shape
-    mine = torch.tensor([n, d, _FLOAT_DTYPES.index(z0.dtype), LAYOUTS.index(layout)], device=z0.device)
+    k = 0 if negatives is None else negatives.shape[0]
+    mine = torch.tensor([n, d, _FLOAT_DTYPES.index(z0.dtype), LAYOUTS.index(layout), k], device=z0.device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(table, mine)
     rows = [t.tolist() for t in table]  # host read: every rank sees the same table
     if any(row != rows[0] for row in rows):
         described = "; ".join(
-            f"rank {r}: N={rows_r}, D={dim_r}, {_FLOAT_DTYPES[dtype_r]}, layout={LAYOUTS[layout_r]!r}"
-            for r, (rows_r, dim_r, dtype_r, layout_r) in enumerate(rows)
+            f"rank {r}: N={rows_r}, D={dim_r}, {_FLOAT_DTYPES[dtype_r]}, layout={LAYOUTS[layout_r]!r}, K={k_r}"
+            for r, (rows_r, dim_r, dtype_r, layout_r, k_r) in enumerate(rows)
         )
         raise ValueError(
-            "gather_distributed=True needs z0 and z1 of the same shape and dtype, and the same layout, "
-            f"on every rank; got {described}"
+            "gather_distributed=True needs z0 and z1 of the same shape and dtype, and the same layout "
+            f"and number K of extra negatives, on every rank; got {described}"
         )
 
 
@@ -128,11 +138,13 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(rows)
 
 
-def gather_views(u0: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
-    """(2, world_size * n, D): all ranks' u0 rows, then all ranks' u1 rows, gathered in one collective."""
-    n, d = u0.shape
-    gathered = gather_rows(torch.cat([u0, u1])).view(-1, 2, n, d)  # rank-major: u0, u1 of each rank
-    return gathered.transpose(0, 1).reshape(2, -1, d)
+def gather_views(*views: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Every rank's rows of each view (all n x D), each in rank order: one differentiable collective for all."""
+    if len(views) <= 1:
+        return tuple(gather_rows(view) for view in views)
+    n, d = views[0].shape
+    gathered = gather_rows(torch.cat(views)).view(-1, len(views), n, d)  # rank-major: each rank's views in turn
+    return tuple(gathered.transpose(0, 1).reshape(len(views), -1, d).unbind(0))
 
 
 def global_mean(values: torch.Tensor) -> torch.Tensor:
@@ -140,14 +152,6 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
     total = values.detach().sum()
     dist.all_reduce(total)
     return total / (values.numel() * dist.get_world_size())
-
-
-def own_anchor_rows(layout: str, n: int, rank: int, world_size: int, device: torch.device) -> torch.Tensor:
-    """Indices of this rank's anchors in the anchor order of the global batch (MATH.md section 1)."""
-    rows = torch.arange(n, device=device) + rank * n
-    if layout in ("ntxent", "cross_sym"):  # anchors: every u0 row, then every u1 row
-        return torch.cat([rows, rows + world_size * n])
-    return rows
 
 
 def reference_loss_across_ranks(
@@ -158,10 +162,10 @@ def reference_loss_across_ranks(
     O((world_size * N)^2) memory like the reference itself: for checking only. The
     statistics are those of the global batch, as in the fused path.
     """
-    both = gather_rows(torch.cat([z0, z1])).view(-1, 2, *z0.shape)
+    all_z0, all_z1 = gather_views(z0, z1)
+    if negatives is not None and _layouts.LAYOUTS[cfg.layout].gathers_negatives:
+        negatives = gather_rows(negatives)
     per_anchor_cfg = dataclasses.replace(cfg, reduction="none")
-    per_anchor, stats = macl_loss_reference(
-        both[:, 0].flatten(0, 1), both[:, 1].flatten(0, 1), negatives, per_anchor_cfg
-    )
-    own = own_anchor_rows(cfg.layout, z0.shape[0], dist.get_rank(), dist.get_world_size(), z0.device)
+    per_anchor, stats = macl_loss_reference(all_z0, all_z1, negatives, per_anchor_cfg)
+    own = _layouts.own_anchor_rows(cfg.layout, z0.shape[0], dist.get_rank(), dist.get_world_size(), z0.device)
     return reduce_loss(per_anchor[own], cfg.reduction), stats

@@ -20,12 +20,21 @@ from macl_kernels.testing import make_views, upstream_for
 PAIRS_PER_RANK = 3
 DIM = 5
 BANK_ROWS = 7
+NEGATIVES_PER_RANK = 2  # extra negatives (case["negatives"]): per rank, gathered like z1 (queue: one shared bank)
 
 
 def global_batch(case: Dict, world_size: int):
-    """The concatenated batch (z0, z1, bank) of a case, the same in every process."""
-    z0, z1, bank = make_views(world_size * PAIRS_PER_RANK, DIM, case["dtype"], seed=case["seed"], bank_rows=BANK_ROWS)
-    return z0, z1, (bank if case["layout"] == "queue" else None)
+    """The concatenated batch (z0, z1, bank or extra negatives of all ranks) of a case, the same in every process."""
+    rows = world_size * NEGATIVES_PER_RANK if case.get("negatives") else BANK_ROWS
+    z0, z1, bank = make_views(world_size * PAIRS_PER_RANK, DIM, case["dtype"], seed=case["seed"], bank_rows=rows)
+    return z0, z1, (bank if case["layout"] == "queue" or case.get("negatives") else None)
+
+
+def own_negatives(case: Dict, negatives, rank: int):
+    """What a rank passes as negatives=: the queue's shared bank, or its own slice of the extra negatives."""
+    if negatives is None or case["layout"] == "queue":
+        return negatives
+    return negatives[rank * NEGATIVES_PER_RANK : (rank + 1) * NEGATIVES_PER_RANK]
 
 
 def own_rows(layout: str, n: int, rank: int, world_size: int) -> torch.Tensor:
@@ -59,6 +68,12 @@ def run_case(case: Dict, rank: int, world_size: int) -> Dict:
     a = z0[mine].clone().requires_grad_(True)
     b = z1[mine].clone().requires_grad_(True)
     options = loss_options(case)
+    bank = own_negatives(case, bank, rank)
+    if case.get("negatives") == "grad":
+        bank = bank.clone().requires_grad_(True)
+    temperature = torch.tensor(0.1, dtype=case["dtype"], requires_grad=True) if case.get("learn_tau") else None
+    if temperature is not None:
+        options["temperature"] = temperature
     stats = None
     if case["api"] == "module":
         criterion = mk.MACLLoss(gather_distributed=True, return_stats=case["stats"], **options)
@@ -72,6 +87,8 @@ def run_case(case: Dict, rank: int, world_size: int) -> Dict:
     return dict(
         loss=loss.detach(),
         grads=[a.grad, b.grad],
+        temperature_grad=None if temperature is None else temperature.grad,
+        negatives_grad=bank.grad if case.get("negatives") == "grad" else None,
         stats=None if stats is None else {k: float(v) for k, v in stats._asdict().items()},
     )
 

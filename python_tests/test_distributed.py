@@ -59,7 +59,17 @@ def _cases():
         cases.append(_case(backend, "queue", stats=True, schedule="exp"))
     cases.append(_case("auto", "cross_sym", api="module", stats=True))
     cases.append(_case("auto", "ntxent", api="ntxent", reweight=False))
+    cases += _learnable_temperature_and_negatives_cases()
     return cases
+
+
+def _learnable_temperature_and_negatives_cases():
+    """A tensor temperature and extra negatives that require grad, every backend and layout (issue 12)."""
+    return [
+        _case(backend, layout, learn_tau=True, negatives="grad")
+        for backend in [*fused_backends("cpu"), "reference"]
+        for layout in LAYOUTS
+    ]
 
 
 CASES = _cases()
@@ -68,6 +78,8 @@ CASES = _cases()
 def _case_id(case):
     parts = [case["backend"], case["layout"], case["schedule"], "V" if case["reweight"] else "noV"]
     parts += [str(case["dtype"]).removeprefix("torch."), case["reduction"], case["api"]]
+    parts += ["tensorT"] if case.get("learn_tau") else []
+    parts += ["negatives"] if case.get("negatives") else []
     return "-".join(parts + (["stats"] if case["stats"] else []))
 
 
@@ -81,7 +93,7 @@ def _single_process(case, world_size):
     z0, z1, bank = global_batch(case, world_size)
     options = loss_options(case)
     if case["api"] == "ntxent":
-        options.update(alpha=0.0, reweight=False)
+        options.update(alpha=0.0, reweight=False, temperature=0.5)  # NTXentLoss: lightly's default T
     loss, grads = loss_and_grads(z0, z1, bank, **options)
     stats = mk.macl_loss(z0, z1, negatives=bank, return_stats=True, **options)[1] if case["stats"] else None
     return loss, grads, stats
@@ -190,3 +202,31 @@ def test_gather_distributed_must_be_a_bool():
         mk.macl_loss(torch.randn(4, 3), torch.randn(4, 3), gather_distributed=1)
     with pytest.raises(TypeError, match="gather_distributed must be a bool"):
         mk.MACLLoss(gather_distributed="yes")
+
+
+def test_ranks_give_the_temperature_and_the_negatives_their_gradients(group):
+    """T is not gathered: the mean over ranks of T's gradient (DDP's average) is the global mean's. Extra
+    negatives are gathered like z1 (each rank gets world_size x its slice); the queue's shared bank gets
+    on each rank the gradient of that rank's loss, so their mean is the global mean's gradient."""
+    world_size, ranks = group
+    checked = 0
+    for index, case in enumerate(CASES):
+        if not case.get("learn_tau"):
+            continue
+        z0, z1, negatives = global_batch(case, world_size)
+        temperature = torch.tensor(0.1, dtype=case["dtype"], requires_grad=True)
+        q = negatives.clone().requires_grad_(True)
+        options = {**loss_options(case), "backend": "reference"}  # the float64 oracle
+        loss = mk.macl_loss(z0, z1, negatives=q, temperature=temperature, **options)
+        loss.backward()
+        results = [r["results"][index] for r in ranks]
+        tol, name = TOLERANCE[case["dtype"]], _case_id(case)
+        mean_tau_grad = torch.stack([r["temperature_grad"] for r in results]).mean()
+        assert_rel_close(mean_tau_grad, temperature.grad, tol, f"{name}: mean over ranks of dT")
+        got = [r["negatives_grad"] for r in results]
+        if case["layout"] == "queue":
+            assert_rel_close(torch.stack(got).mean(0), q.grad, tol, f"{name}: mean over ranks of dQ")
+        else:
+            assert_rel_close(torch.cat(got), world_size * q.grad, tol, f"{name}: each rank's dQ")
+        checked += 1
+    assert checked == len(LAYOUTS) * (len(fused_backends("cpu")) + 1)

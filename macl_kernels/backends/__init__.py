@@ -76,5 +76,5 @@ def resolve(name: str, device: torch.device) -> Backend | str:
     backend = _REGISTRY[name]
     reason = backend.unavailable_reason(device)
     if reason is not None:
-        raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+        raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason} (it runs on: {backend.devices})")
     return backend

@@ -1,9 +1,26 @@
 """The dense reference: MATH.md transcribed with full matrices, the oracle of every test.
 
-It builds each layout's whole M x C similarity matrix exactly as MATH.md's table
-describes it (positives and excluded columns as index maps and masks) and lets
-autograd differentiate it. It is O(M*C) in memory: use it to check, not to train.
-Call it on float64 inputs for a float64 ground truth.
+It shares no code with what it checks. The layouts are built here from MATH.md's
+table (sections 1 and 8), not from :mod:`macl_kernels._layouts`, and the per-anchor
+math is the textbook form on the dense softmax, not the stable form of
+:mod:`macl_kernels._math`:
+
+    P_rc   = softmax of row r's logits over its candidates (excluded columns removed)
+    1 - P  = the sum of P_rc over row r's negatives        (a sum, never a subtraction)
+    -log P = -log_softmax at the positive, or -log1p(-(1 - P)) where P > 1/2
+    V      = 1 / (1 - P + eps), detached;   loss_r = V * (-log P)
+    tau    = T * (1 + alpha * (A - A_0))  or  T * alpha**A,  A detached, floored
+
+Autograd differentiates all of it, double backward included, so the gradients
+(with respect to the inputs, the extra negatives and a tensor temperature T) are the
+exact ones under MATH.md's detach semantics. O(M*C) memory: use it to check, not to
+train. Call it on float64 inputs for a float64 ground truth.
+
+Domain: V is formed as a number. With eps = 0 a row's loss is exact while 1 - P is
+a normal number of the accumulation dtype (float64: d below about 700; float32:
+below about 85); beyond that 1 - P underflows and the row's loss reads 0 instead of
+about 1 (MATH.md: eps = 0 gives loss >= 1). With eps > 0, and for rows without any
+negative (loss 0 by MATH.md section 8), there is no such limit.
 """
 
 from __future__ import annotations
@@ -14,62 +31,100 @@ import torch
 import torch.nn.functional as F
 
 from .._config import MACLConfig
-from .._math import accumulation_dtype, adaptive_temperature, anchor_loss, reduce_loss
 from .._stats import MACLStats, make_stats
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _dense_problem(
-    u0: torch.Tensor, u1: torch.Tensor, bank: Optional[torch.Tensor], layout: str
+    u0: torch.Tensor, u1: torch.Tensor, extra: torch.Tensor, layout: str
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (S, positive column of each row, excluded-column mask) for one layout."""
-    n = u0.shape[0]
+    """(S, positive column of each row, excluded-column mask) of one layout, MATH.md sections 1 and 8.
+
+    ``extra`` (K x D, K may be 0) are the extra negatives: the queue's bank, or the
+    candidates appended to the second view's side in the other layouts.
+    """
+    n, k = u0.shape[0], extra.shape[0]
     rows = torch.arange(n, device=u0.device)
-    if layout == "ntxent":
+    no_extra = torch.zeros(n, k, dtype=torch.bool, device=u0.device)
+    if layout == "ntxent":  # X = [u0; u1] against [X; Q], itself excluded
         x = torch.cat([u0, u1])
-        sim = x @ x.T
+        sim = x @ torch.cat([x, extra]).T
         positive = torch.cat([rows + n, rows])
-        excluded = torch.eye(2 * n, dtype=torch.bool, device=u0.device)
-    elif layout == "cross":
-        sim = u0 @ u1.T
+        itself = torch.eye(2 * n, dtype=torch.bool, device=u0.device)
+        excluded = torch.cat([itself, torch.cat([no_extra, no_extra])], dim=1)
+    elif layout == "cross":  # u0 against [u1; Q]
+        sim = u0 @ torch.cat([u1, extra]).T
         positive = rows
-        excluded = torch.zeros(n, n, dtype=torch.bool, device=u0.device)
-    elif layout == "cross_sym":
-        s01 = u0 @ u1.T
-        sim = torch.cat([s01, s01.T])  # u0 against u1, then u1 against u0
+        excluded = torch.zeros(n, n + k, dtype=torch.bool, device=u0.device)
+    elif layout == "cross_sym":  # u0 against [u1; Q], then u1 against u0 (Q's columns excluded there)
+        sim = torch.cat([u0 @ torch.cat([u1, extra]).T, u1 @ torch.cat([u0, extra]).T])
         positive = torch.cat([rows, rows])
-        excluded = torch.zeros(2 * n, n, dtype=torch.bool, device=u0.device)
-    elif layout == "queue":
-        candidates = torch.cat([u1, bank])
-        sim = u0 @ candidates.T
+        nothing = torch.zeros(n, n, dtype=torch.bool, device=u0.device)
+        excluded = torch.cat([torch.cat([nothing, no_extra], dim=1), torch.cat([nothing, ~no_extra], dim=1)])
+    elif layout == "queue":  # u0 against [u1; Q], the other rows of u1 excluded
+        sim = u0 @ torch.cat([u1, extra]).T
         positive = rows
-        other_views = torch.ones(n, n, dtype=torch.bool, device=u0.device)
-        other_views.fill_diagonal_(False)  # the other rows of u1 are not negatives
-        bank_cols = torch.zeros(n, bank.shape[0], dtype=torch.bool, device=u0.device)
-        excluded = torch.cat([other_views, bank_cols], dim=1)
+        other_views = ~torch.eye(n, dtype=torch.bool, device=u0.device)
+        excluded = torch.cat([other_views, no_extra], dim=1)
     else:  # pragma: no cover - MACLConfig rejects unknown layouts
         raise ValueError(f"unknown layout {layout!r}")
     return sim, positive, excluded
 
 
+def _temperature(alignment: torch.Tensor, cfg: MACLConfig) -> torch.Tensor:
+    """MATH.md section 2 (and 8 for a tensor T): the schedule's tau, floored at min_temperature."""
+    base = cfg.temperature
+    if isinstance(base, torch.Tensor):
+        base = base.to(device=alignment.device, dtype=alignment.dtype)
+    if cfg.schedule == "linear":
+        tau = base * (1 + cfg.alpha * (alignment - cfg.A_0))
+    else:
+        tau = base * cfg.alpha**alignment
+    return torch.clamp(tau, min=cfg.min_temperature)
+
+
 def macl_loss_reference(
     z0: torch.Tensor, z1: torch.Tensor, negatives: Optional[torch.Tensor], cfg: MACLConfig
 ) -> Tuple[torch.Tensor, MACLStats]:
-    """The MACL loss and its statistics, densely; inputs are assumed already checked."""
-    acc = accumulation_dtype(z0.dtype)
+    """The MACL loss and its statistics, densely; inputs are assumed already checked (one dtype)."""
+    acc = _accumulation_dtype(z0.dtype)
     u0 = F.normalize(z0.to(acc), dim=1, eps=1e-12)
     u1 = F.normalize(z1.to(acc), dim=1, eps=1e-12)
-    bank = None if negatives is None else F.normalize(negatives.detach().to(acc), dim=1, eps=1e-12)
+    if negatives is None:
+        extra = u0.new_zeros(0, u0.shape[1])
+    else:  # differentiable: the negatives get a gradient when they require one
+        extra = F.normalize(negatives.to(acc), dim=1, eps=1e-12)
 
     alignment = (u0 * u1).sum(dim=1).mean().detach()
-    tau = adaptive_temperature(alignment, cfg)
+    tau = _temperature(alignment, cfg)
 
-    sim, positive, excluded = _dense_problem(u0, u1, bank, cfg.layout)
-    logits = sim / tau
-    columns = torch.arange(logits.shape[1], device=logits.device)
+    sim, positive, excluded = _dense_problem(u0, u1, extra, cfg.layout)
+    log_prob = torch.log_softmax((sim / tau).masked_fill(excluded, float("-inf")), dim=1)
+    columns = torch.arange(sim.shape[1], device=sim.device)
     is_negative = ~excluded & (columns[None, :] != positive[:, None])
-    positive_logit = logits.gather(1, positive[:, None]).squeeze(1)
-    negative_lse = torch.logsumexp(logits.masked_fill(~is_negative, float("-inf")), dim=1)
-    d = positive_logit - negative_lse
+    log_p = log_prob.gather(1, positive[:, None]).squeeze(1)
+    one_minus_p = log_prob.exp().masked_fill(~is_negative, 0.0).sum(dim=1)
 
-    loss = reduce_loss(anchor_loss(d, cfg), cfg.reduction)
-    return loss, make_stats(alignment, tau, d)
+    # -log P: from the positive's log-probability, or from 1 - P when P is close to 1,
+    # where log_softmax would round it to 0. The unused branch gets a harmless input
+    # so that its gradient is never 0 * inf.
+    confident = log_p > -0.6931471805599453  # P > 1/2
+    nll = torch.where(confident, -torch.log1p(-torch.where(confident, one_minus_p, 0.0)), -log_p)
+    if cfg.reweight:
+        denominator = one_minus_p + cfg.eps
+        representable = denominator >= torch.finfo(acc).tiny  # else 1 - P = 0: no negative, or underflow
+        v = torch.where(representable, 1 / denominator.clamp_min(torch.finfo(acc).tiny), 1.0).detach()
+        per_anchor = v * nll
+    else:
+        per_anchor = nll
+
+    if cfg.reduction == "mean":
+        loss = per_anchor.mean()
+    elif cfg.reduction == "sum":
+        loss = per_anchor.sum()
+    else:
+        loss = per_anchor
+    return loss, make_stats(alignment, tau, log_p.exp())
