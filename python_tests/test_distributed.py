@@ -220,7 +220,7 @@ def test_ranks_give_the_temperature_and_the_negatives_their_gradients(group):
         loss = mk.macl_loss(z0, z1, negatives=q, temperature=temperature, **options)
         loss.backward()
         results = [r["results"][index] for r in ranks]
-        tol, name = TOLERANCE[case["dtype"]], _case_id(case)
+        tol, name = TOLERANCE_FLOOR[case["dtype"]], _case_id(case)
         mean_tau_grad = torch.stack([r["temperature_grad"] for r in results]).mean()
         assert_rel_close(mean_tau_grad, temperature.grad, tol, f"{name}: mean over ranks of dT")
         got = [r["negatives_grad"] for r in results]
