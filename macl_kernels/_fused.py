@@ -15,12 +15,12 @@ import torch
 
 from . import distributed
 from ._config import MACLConfig
-from ._layouts import LAYOUTS, Direction, exclusion_table, layout_exclusions, no_exclusions
+from ._layouts import LAYOUTS, Direction, exclusion_table, no_exclusions
 from ._math import adaptive_temperature, anchor_loss, reduce_loss
 from ._stats import MACLStats, make_stats
 from .backends.base import Backend, normalize_rows
 
-__all__ = ["fused_macl_loss", "layout_exclusions"]
+__all__ = ["fused_macl_loss"]
 
 
 def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

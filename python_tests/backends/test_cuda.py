@@ -11,7 +11,7 @@ import torch
 
 import macl_kernels as mk
 from macl_kernels import _ops
-from macl_kernels._fused import layout_exclusions
+from macl_kernels._layouts import layout_exclusions
 from macl_kernels.testing import (
     LAYOUTS,
     assert_matches_reference,

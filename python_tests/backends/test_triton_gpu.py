@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import macl_kernels as mk
-from macl_kernels._fused import layout_exclusions
+from macl_kernels._layouts import layout_exclusions
 from macl_kernels.testing import (
     assert_compiled_matches_eager,
     assert_dynamic_compile_matches_eager,

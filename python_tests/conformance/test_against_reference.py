@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import macl_kernels as mk
-from macl_kernels._fused import layout_exclusions
+from macl_kernels._layouts import layout_exclusions
 from macl_kernels.backends import resolve
 from macl_kernels.testing import (
     DTYPES,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import macl_kernels as mk
 from macl_kernels._autograd import HIGHER_ORDER_ERROR
-from macl_kernels._fused import layout_exclusions
+from macl_kernels._layouts import layout_exclusions
 from macl_kernels.backends import resolve
 from macl_kernels.testing import LAYOUTS, TOLERANCE, assert_rel_close, bitwise_equal, loss_and_grads
 from python_tests.conformance.conftest import DEVICE, views

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from macl_kernels._fused import excluded_columns, layout_exclusions
+from macl_kernels._layouts import layout_exclusions, no_exclusions
 from macl_kernels._math import accumulation_dtype
 from python_tests.conformance.conftest import BACKENDS, DEVICE
 
@@ -35,8 +35,7 @@ def _shared_inputs(dtype: torch.dtype):
     """Eight anchors against six candidates (two anchors without an excluded column), and four ntxent pairs."""
     acc = accumulation_dtype(dtype)
     x, y = _unit_rows(8, 5, 1, dtype), _unit_rows(6, 5, 2, dtype)
-    no_column = torch.full((2,), -1, device=DEVICE)
-    cross = torch.cat([layout_exclusions("cross", 6, DEVICE), excluded_columns(no_column)])
+    cross = torch.cat([layout_exclusions("cross", 6, DEVICE), no_exclusions(2, DEVICE)])
     ntxent = layout_exclusions("ntxent", 4, DEVICE)
     tau = torch.tensor(0.2, dtype=acc, device=DEVICE)
     upstream = torch.rand(8, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE, acc)
