@@ -100,6 +100,17 @@ def _finish(out, modules) -> Step:
     return Step(loss.detach(), stats and stats_dict(stats), parameter_grads(*modules), torch.rand(3))
 
 
+def assert_same_parameter_grad(got: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    """One relative error per parameter tensor (the whole tensor as one row).
+
+    A parameter's gradient is a sum over the batch, which the cache adds up chunk by
+    chunk: in fp32/bf16 an element near cancellation carries a relative rounding error
+    that says nothing about the cache. Per-sample quantities (the loss per anchor, the
+    embeddings' gradients) keep the per-row measure; fp64 runs at 1e-10 catch real bugs.
+    """
+    assert_rel_close(got.reshape(1, -1), expected.reshape(1, -1), tol, what)
+
+
 def assert_same_step(got: Step, expected: Step, tol: float) -> None:
     assert_rel_close(got.loss, expected.loss, tol, "loss")
     assert (got.stats is None) == (expected.stats is None)
@@ -108,7 +119,7 @@ def assert_same_step(got: Step, expected: Step, tol: float) -> None:
     assert len(got.grads) == len(expected.grads)
     for i, (g, e) in enumerate(zip(got.grads, expected.grads)):
         assert g.dtype == e.dtype
-        assert_rel_close(g, e, tol, f"gradient of parameter {i}")
+        assert_same_parameter_grad(g, e, tol, f"gradient of parameter {i}")
     assert torch.equal(got.rng_after, expected.rng_after), "the global RNG ends where the uncached step leaves it"
 
 
@@ -239,12 +250,14 @@ def test_autocast_and_grad_scaler():
     assert output_dtypes == [torch.bfloat16] * 12  # 3 chunks x 2 towers x 2 passes, all under autocast
     # bf16 rounding: the uncached graph sums the chunks' weight gradients in bf16, the cache in fp32.
     for i, (g, e) in enumerate(zip(got, expected)):
-        assert_rel_close(g, e, TOLERANCE[torch.bfloat16], f"scaled gradient of parameter {i}")
+        assert_same_parameter_grad(g, e, TOLERANCE[torch.bfloat16], f"scaled gradient of parameter {i}")
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = mk.GradCache(encoder, mk.macl_loss, 4)(x0, x1)
     loss.backward()
-    assert_rel_close(got[0], scale * parameter_grads(encoder)[0], TOLERANCE[torch.float32], "scale x gradient")
+    assert_same_parameter_grad(
+        got[0], scale * parameter_grads(encoder)[0], TOLERANCE[torch.float32], "scale x gradient"
+    )
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
