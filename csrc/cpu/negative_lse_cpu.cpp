@@ -9,7 +9,8 @@
 // Without candidates (y = None, the ntxent layout) S = X X^T is symmetric: each tile
 // (I, J > I) is computed once and serves the rows of I and, transposed, the rows of J,
 // which halves the gemms and exps of both passes. Tiles are visited in the rounds of
-// schedule.h, so the result does not depend on the number of threads.
+// schedule.h and every gemm is a sequential one (blas_threads.h), so the result does
+// not depend on the number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
@@ -27,6 +28,7 @@
 
 #include "../checks.h"
 #include "../lse_math.h"
+#include "blas_threads.h"
 #include "schedule.h"
 #include "tile_passes.h"
 
@@ -151,6 +153,7 @@ void run_tasks(const Problem<T>& p, const std::vector<int64_t>& round_starts, co
   const at::ThreadLocalState caller_state;  // OpenMP workers start without the dispatcher state of the op
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
+    const ScopedSequentialBlas sequential_blas;  // the same gemm code path for any thread count
     TileWorker<T> worker(p);
     for (int64_t k = next.fetch_add(1); k < total; k = next.fetch_add(1)) {
       while (done.load(std::memory_order_acquire) < round_start_of[k]) {

@@ -92,7 +92,10 @@ def test_op_matches_torch_backend_on_any_exclusions(with_candidates):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_same_bits_for_any_number_of_threads(layout):
     # The tiles of a round run in parallel but each block's contributions arrive in the
-    # schedule's order, so 1, 2 or 3 threads give identical results.
+    # schedule's order, and every gemm is BLAS's sequential one whatever the thread count
+    # (csrc/cpu/blas_threads.h: MKL plans its blocking for the global thread count
+    # otherwise), so 1, 2 or 3 threads give identical results. Odd 300-pair problems give
+    # tiles with a partial block, where MKL's plans for 1 and 2 threads differ.
     z0, z1, bank = make_views(300, 16, seed=10, bank_rows=BLOCK + 20)
     bank = bank if layout == "queue" else None
     threads = torch.get_num_threads()
@@ -105,6 +108,29 @@ def test_same_bits_for_any_number_of_threads(layout):
     finally:
         torch.set_num_threads(threads)
     assert all(bitwise_equal(runs[0], run) for run in runs[1:])
+
+
+def test_leaves_the_callers_blas_threading_as_it_was():
+    # The op makes its gemms sequential for its own duration only: afterwards a gemm in
+    # the calling thread runs as before (with MKL, 2 threads plan this 256 x 88 product,
+    # the kernel's own kind of call, differently from 1, so a setting left behind would
+    # change these bits).
+    g = torch.Generator().manual_seed(12)
+    a, b = torch.randn(256, 16, generator=g), torch.randn(88, 16, generator=g)
+
+    def product():
+        return torch.addmm(torch.empty(256, 88), a, b.T, beta=0, alpha=5.0)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        before = product()
+        z0, z1, _ = make_views(300, 16, seed=10)
+        loss_and_grads(z0, z1, None, backend="cpp")
+        after = product()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(before, after)
 
 
 VARIANT_SCRIPT = """
