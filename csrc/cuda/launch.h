@@ -24,10 +24,17 @@ struct LseArgs {
 // lse (rows values): the negatives' log-sum-exp of each anchor.
 cudaError_t launch_negative_lse(InputType type, const LseArgs& args, void* lse, cudaStream_t stream);
 
+// The backward's per-anchor inputs, in the accumulation type, on the device.
+struct BackwardArgs {
+  const void* grad_lse;      // rows values
+  const void* lse;           // rows values
+  const void* max_abs_coef;  // one value: max_r |grad_lse[r] / tau| (lse_math.h's column view)
+};
+
 // dx (rows x dim, zero-filled by the caller) += E y; then, if dy is not null,
 // dy (cols x dim, zero-filled, or dx itself when y is x) += E^T x, with
 // E[r, c] = grad_lse[r] / tau * exp(x[r].y[c] / tau - lse[r]) on negative columns.
-cudaError_t launch_negative_lse_backward(InputType type, const LseArgs& args, const void* grad_lse, const void* lse,
-                                         void* dx, void* dy, cudaStream_t stream);
+cudaError_t launch_negative_lse_backward(InputType type, const LseArgs& args, const BackwardArgs& b, void* dx,
+                                         void* dy, cudaStream_t stream);
 
 }  // namespace macl::cuda

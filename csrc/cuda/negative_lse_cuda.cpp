@@ -78,8 +78,10 @@ std::tuple<at::Tensor, at::Tensor> negative_lse_backward_cuda(const at::Tensor& 
   at::Tensor dy = (y.has_value() && need_dy) ? at::zeros(in.y.sizes(), in.y.options().dtype(acc)) : at::Tensor();
   void* columns_out = y.has_value() ? (dy.defined() ? dy.data_ptr() : nullptr) : dx.data_ptr();
   if (x.size(0) > 0) {
-    C10_CUDA_CHECK(launch_negative_lse_backward(input_type(x.scalar_type()), in.args, g.const_data_ptr(),
-                                                l.const_data_ptr(), dx.data_ptr(), columns_out,
+    // On the device, without a synchronization: the column view's scale (lse_math.h).
+    const at::Tensor max_abs_coef = g.mul(in.tau.reciprocal()).abs().amax();
+    const BackwardArgs b{g.const_data_ptr(), l.const_data_ptr(), max_abs_coef.const_data_ptr()};
+    C10_CUDA_CHECK(launch_negative_lse_backward(input_type(x.scalar_type()), in.args, b, dx.data_ptr(), columns_out,
                                                 c10::cuda::getCurrentCUDAStream()));
   }
   return {dx.to(x.scalar_type()), dy.defined() ? dy.to(y->scalar_type()) : at::empty({0}, x.options())};

@@ -67,14 +67,35 @@ __device__ inline In from_acc(Acc v) {
   }
 }
 
+// The type whose rounding the products of In see (lse_math.h's weight_operand).
+template <typename In>
+struct OperandOf {
+  using type = In;
+};
+template <>
+struct OperandOf<__half> {
+  using type = c10::Half;
+};
+template <>
+struct OperandOf<__nv_bfloat16> {
+  using type = c10::BFloat16;
+};
+
+// A weight's operand in the input type: p * factor rounded (lse_math.h).
+template <typename In, typename Acc>
+__device__ inline In weight_operand_of(Acc probability, Acc factor) {
+  return static_cast<In>(weight_operand<typename OperandOf<In>::type>(probability, factor));
+}
+
 template <typename In, typename Acc>
 struct Params {
   const In* x;
   const In* y;
   const int32_t* excluded;
   const Acc* tau;
-  const Acc* grad_lse;  // backward only
-  const Acc* lse;       // backward only
+  const Acc* grad_lse;      // backward only
+  const Acc* lse;           // backward only
+  const Acc* max_abs_coef;  // backward only: max_r |grad_lse[r] / tau|, for the column view
   Acc* out;             // lse (forward), dx (row pass) or dy (column pass)
   int64_t rows, cols, dim;
 };
@@ -102,7 +123,7 @@ struct SharedTiles {
   } result;
   alignas(32) In weights[T::BM][WP];  // E of the tile, in the input type for the tensor cores
   Acc row_max[T::BM], row_sum[T::BM];  // forward: running log-sum-exp of each row
-  Acc row_shift[T::BM], row_coef[T::BM];  // backward: lse and grad_lse / tau of each row
+  Acc row_shift[T::BM], row_factor[T::BM], row_after[T::BM];  // backward: lse and the view's factors
   int32_t row_excluded[T::BM][2];
 };
 
@@ -220,19 +241,26 @@ __device__ void compute_logits(const Params<In, Acc>& p, SharedTiles<In, Acc>& s
   __syncthreads();
 }
 
-// Loads the excluded columns (and in the backward, the shift and coefficient) of the
-// anchors row0 .. row0 + BM - 1 into shared memory.
+// Which products a backward pass builds (lse_math.h): the row view for dx = E y, the
+// column view for dy = E^T x. The forward needs neither.
+enum class View { kNone, kRow, kColumn };
+
+// Loads the excluded columns (and in the backward, the shift and the view's factors) of
+// the anchors row0 .. row0 + BM - 1 into shared memory.
 template <typename In, typename Acc>
-__device__ void load_rows(const Params<In, Acc>& p, SharedTiles<In, Acc>& s, int64_t row0, Acc inv_tau,
-                          bool backward) {
+__device__ void load_rows(const Params<In, Acc>& p, SharedTiles<In, Acc>& s, int64_t row0, Acc inv_tau, View view) {
   for (int r = threadIdx.x; r < Tiles<In>::BM; r += kThreads) {
     const int64_t row = row0 + r;
     const bool inside = row < p.rows;
     s.row_excluded[r][0] = inside ? p.excluded[2 * row] : -1;
     s.row_excluded[r][1] = inside ? p.excluded[2 * row + 1] : -1;
-    if (backward) {
+    if (view != View::kNone) {
+      const Acc coef = inside ? p.grad_lse[row] * inv_tau : Acc(0);
+      const OperandFactors<Acc> f = view == View::kRow ? row_view_factors(coef)
+                                                       : column_view_factors(coef, column_view_scale(*p.max_abs_coef));
       s.row_shift[r] = inside ? weight_shift(p.lse[row]) : Acc(0);
-      s.row_coef[r] = inside ? p.grad_lse[row] * inv_tau : Acc(0);
+      s.row_factor[r] = f.factor;
+      s.row_after[r] = f.after;
     } else {
       s.row_max[r] = negative_infinity<Acc>();
       s.row_sum[r] = Acc(0);
@@ -250,7 +278,9 @@ __device__ inline Acc tile_logit(const Params<In, Acc>& p, const SharedTiles<In,
                       outside || is_excluded(column, s.row_excluded[r][0], s.row_excluded[r][1]));
 }
 
-// s.weights = E of the tile (row view), 0 on padding and excluded entries.
+// s.weights = the operands of the tile's weights E (lse_math.h: p * factor, rounded to
+// In; the products are multiplied by the view's `after` when added to the output), 0 on
+// padding and excluded entries.
 template <typename In, typename Acc>
 __device__ void compute_weights(const Params<In, Acc>& p, SharedTiles<In, Acc>& s, int64_t row0, int64_t col0,
                                 Acc inv_tau) {
@@ -259,9 +289,8 @@ __device__ void compute_weights(const Params<In, Acc>& p, SharedTiles<In, Acc>& 
   for (int idx = threadIdx.x; idx < T::BM * T::BN; idx += kThreads) {
     const int r = idx / T::BN, c = idx % T::BN;
     const Acc logit = tile_logit(p, s, row0, col0, r, c, inv_tau);
-    const Acc weight =
-        logit == negative_infinity<Acc>() ? Acc(0) : negative_weight(logit, s.row_shift[r], s.row_coef[r]);
-    s.weights[r][c] = from_acc<In>(weight);
+    const Acc probability = logit == negative_infinity<Acc>() ? Acc(0) : exp_of(logit - s.row_shift[r]);
+    s.weights[r][c] = weight_operand_of<In>(probability, s.row_factor[r]);
   }
   __syncthreads();
 }
@@ -274,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) negative_lse_kernel(Params<In, Acc> 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * T::BM;
   const Acc inv_tau = Acc(1) / *p.tau;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  load_rows(p, s, row0, inv_tau, /*backward=*/false);
+  load_rows(p, s, row0, inv_tau, View::kNone);
   for (int64_t col0 = 0; col0 < p.cols; col0 += T::BN) {
     compute_logits(p, s, row0, col0);
     // A warp folds whole rows: each lane an online log-sum-exp over its columns, then a
@@ -303,15 +332,16 @@ __global__ void __launch_bounds__(kThreads) negative_lse_kernel(Params<In, Acc> 
   }
 }
 
-// out[rows of block] += result.product (R x DC), for features d0 ..; one writer per element.
+// out[rows of block] += after[r] * result.product (R x DC), for features d0 ..; one
+// writer per element. after: the view's factor per product row, or null with `scale`.
 template <int R, typename In, typename Acc>
 __device__ void add_product(Acc* out, const SharedTiles<In, Acc>& s, int64_t first, int64_t n, int64_t d0,
-                            int64_t dim) {
+                            int64_t dim, const Acc* after, Acc scale) {
   constexpr int DC = Tiles<In>::DC;
   for (int idx = threadIdx.x; idx < R * DC; idx += kThreads) {
     const int r = idx / DC, d = idx % DC;
     if (first + r < n && d0 + d < dim) {
-      out[(first + r) * dim + d0 + d] += s.result.product[r][d];
+      out[(first + r) * dim + d0 + d] += (after != nullptr ? after[r] : scale) * s.result.product[r][d];
     }
   }
 }
@@ -324,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) rows_backward_kernel(Params<In, Acc>
   __shared__ S s;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * T::BM;
   const Acc inv_tau = Acc(1) / *p.tau;
-  load_rows(p, s, row0, inv_tau, /*backward=*/true);
+  load_rows(p, s, row0, inv_tau, View::kRow);
   for (int64_t col0 = 0; col0 < p.cols; col0 += T::BN) {
     compute_logits(p, s, row0, col0);
     compute_weights(p, s, row0, col0, inv_tau);
@@ -336,7 +366,7 @@ __global__ void __launch_bounds__(kThreads) rows_backward_kernel(Params<In, Acc>
       acc.template mma<true, true>(&s.weights[0][0], S::WP, &s.operands.chunk[0][0], S::DP, T::BN);
       acc.store(&s.result.product[0][0], S::OP);
       __syncthreads();
-      add_product<T::BM>(p.out, s, row0, p.rows, d0, p.dim);
+      add_product<T::BM>(p.out, s, row0, p.rows, d0, p.dim, s.row_after, Acc(0));
       __syncthreads();
     }
   }
@@ -351,9 +381,10 @@ __global__ void __launch_bounds__(kThreads) columns_backward_kernel(Params<In, A
   __shared__ S s;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * T::BN;
   const Acc inv_tau = Acc(1) / *p.tau;
+  const Acc scale = column_view_scale(*p.max_abs_coef);  // the column view's `after`
   for (int64_t row0 = 0; row0 < p.rows; row0 += T::BM) {
     __syncthreads();  // the previous block's rows are no longer read
-    load_rows(p, s, row0, inv_tau, /*backward=*/true);
+    load_rows(p, s, row0, inv_tau, View::kColumn);
     compute_logits(p, s, row0, col0);  // its barriers publish the rows loaded above
     compute_weights(p, s, row0, col0, inv_tau);
     for (int64_t d0 = 0; d0 < p.dim; d0 += T::DC) {
@@ -364,7 +395,7 @@ __global__ void __launch_bounds__(kThreads) columns_backward_kernel(Params<In, A
       acc.template mma<false, true>(&s.weights[0][0], S::WP, &s.operands.chunk[0][0], S::DP, T::BM);
       acc.store(&s.result.product[0][0], S::OP);
       __syncthreads();
-      add_product<T::BN>(p.out, s, col0, p.cols, d0, p.dim);
+      add_product<T::BN>(p.out, s, col0, p.cols, d0, p.dim, static_cast<const Acc*>(nullptr), scale);
       __syncthreads();
     }
   }
@@ -396,11 +427,11 @@ cudaError_t forward(const LseArgs& args, void* lse, cudaStream_t stream) {
 }
 
 template <typename In, typename Acc>
-cudaError_t backward(const LseArgs& args, const void* grad_lse, const void* lse, void* dx, void* dy,
-                     cudaStream_t stream) {
+cudaError_t backward(const LseArgs& args, const BackwardArgs& b, void* dx, void* dy, cudaStream_t stream) {
   Params<In, Acc> p = make_params<In, Acc>(args);
-  p.grad_lse = static_cast<const Acc*>(grad_lse);
-  p.lse = static_cast<const Acc*>(lse);
+  p.grad_lse = static_cast<const Acc*>(b.grad_lse);
+  p.lse = static_cast<const Acc*>(b.lse);
+  p.max_abs_coef = static_cast<const Acc*>(b.max_abs_coef);
   p.out = static_cast<Acc*>(dx);
   rows_backward_kernel<In, Acc><<<blocks(p.rows, Tiles<In>::BM), kThreads, 0, stream>>>(p);
   cudaError_t status = cudaGetLastError();
@@ -428,17 +459,17 @@ cudaError_t launch_negative_lse(InputType type, const LseArgs& args, void* lse, 
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_negative_lse_backward(InputType type, const LseArgs& args, const void* grad_lse, const void* lse,
-                                         void* dx, void* dy, cudaStream_t stream) {
+cudaError_t launch_negative_lse_backward(InputType type, const LseArgs& args, const BackwardArgs& b, void* dx,
+                                         void* dy, cudaStream_t stream) {
   switch (type) {
     case InputType::kFloat32:
-      return backward<float, float>(args, grad_lse, lse, dx, dy, stream);
+      return backward<float, float>(args, b, dx, dy, stream);
     case InputType::kFloat64:
-      return backward<double, double>(args, grad_lse, lse, dx, dy, stream);
+      return backward<double, double>(args, b, dx, dy, stream);
     case InputType::kFloat16:
-      return backward<__half, float>(args, grad_lse, lse, dx, dy, stream);
+      return backward<__half, float>(args, b, dx, dy, stream);
     case InputType::kBFloat16:
-      return backward<__nv_bfloat16, float>(args, grad_lse, lse, dx, dy, stream);
+      return backward<__nv_bfloat16, float>(args, b, dx, dy, stream);
   }
   return cudaErrorInvalidValue;
 }
