@@ -27,6 +27,7 @@ from macl_kernels.testing import (
     peak_rss_mb,
     relative_error,
 )
+from python_tests.backends.op_checks import random_exclusions
 
 BLOCK = 256  # kBlock of csrc/cpu/negative_lse_cpu.cpp
 CPU = torch.device("cpu")
@@ -58,14 +59,6 @@ def test_rectangular_block_edges(layout):
     # 257 anchors (a one-row second block) against 2 * 257 or 257 + 300 candidates.
     z0, z1, bank = make_views(BLOCK + 1, 5, torch.float64, seed=3, bank_rows=300)
     assert_matches_reference("cpp", z0, z1, bank if layout == "queue" else None, layout=layout, reduction="none")
-
-
-def random_exclusions(rows: int, cols: int, seed: int) -> torch.Tensor:
-    """An arbitrary excluded table: not symmetric, -1s, repeated and out-of-range columns."""
-    g = torch.Generator().manual_seed(seed)
-    table = torch.randint(-1, cols + 2, (rows, 2), generator=g)
-    table[::7, 1] = table[::7, 0]  # the same column twice
-    return table.to(torch.int32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)

@@ -1,9 +1,11 @@
 """The CUDA backend's own tests, on a GPU (gpu-marked: benchmarks/gpu_check.sh runs them).
 
 The conformance suite runs the loss through it with MACL_TEST_DEVICE=cuda. Here: it
-is built and available, the edges of its 32- and 64-row tiles, every dtype at sizes
-where many tiles and feature chunks meet, agreement with the C++ CPU kernel,
-determinism, opcheck, the current stream without host synchronization, memory.
+is built and available; the op on every kind of excluded table and dtype at the edges
+of its tiles, gradient chunks and shared-memory layouts (op_checks.OP_CASES, the cases
+test_cuda_emulated.py runs on the CPU); the loss at tile edges and where many tiles and
+feature chunks meet; agreement with the C++ CPU kernel; bitwise determinism run to run;
+opcheck; the current stream without host synchronization; N = 32768; memory.
 """
 
 import pytest
@@ -12,7 +14,6 @@ import torch
 import macl_kernels as mk
 from macl_kernels import _ops
 from macl_kernels._fused import layout_exclusions
-from macl_kernels.backends.torch_chunked import TorchBackend
 from macl_kernels.testing import (
     LAYOUTS,
     assert_matches_reference,
@@ -21,8 +22,16 @@ from macl_kernels.testing import (
     loss_and_grads,
     make_views,
 )
+from python_tests.backends.op_checks import OP_CASES, OpCase, assert_op_matches_float64, op_inputs, op_oracle
 
 pytestmark = pytest.mark.gpu
+
+
+def cuda_op(x, y, excluded, tau, grad_lse, need_dy):
+    """The op and its backward on the GPU: (lse, dx, dy)."""
+    lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
+    dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, need_dy)
+    return lse, dx, dy
 
 
 def views(n, d, dtype=torch.float32, seed=0, layout="ntxent", bank_rows=37):
@@ -36,7 +45,24 @@ def test_built_with_cuda_kernels_and_available():
     assert "cuda" in mk.available_backends("cuda")
 
 
-@pytest.mark.parametrize("n", [15, 16, 17, 32, 33, 100])  # 2n rows: edges of 32- (fp64) and 64-row tiles
+@pytest.mark.parametrize("case", OP_CASES, ids=str)
+def test_op_matches_float64(case):
+    assert_op_matches_float64(cuda_op, case, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["ntxent", "cross", "random"])
+def test_op_bitwise_deterministic(dtype, layout):
+    # Several CTAs per SM and many tiles; the op twice on the same inputs gives the same bits.
+    x, y, excluded, tau, grad_lse = op_inputs(OpCase(dtype, layout, 1500, 72), "cuda", seed=9)
+    first = cuda_op(x, y, excluded, tau, grad_lse, y is not None)
+    second = cuda_op(x, y, excluded, tau, grad_lse, y is not None)
+    assert bitwise_equal(
+        [t for t in first if t is not None and t.numel()], [t for t in second if t is not None and t.numel()]
+    )
+
+
+@pytest.mark.parametrize("n", [15, 16, 17, 32, 33, 100])  # 2n rows: edges of the 16-, 32- and 64-row tiles
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_tile_edges_match_reference(n, layout, dtype):
@@ -47,7 +73,7 @@ def test_tile_edges_match_reference(n, layout, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_many_tiles_and_feature_chunks_match_reference(dtype, layout):
-    # D = 130: three 64-feature chunks (the last of 2), 16-bit inputs on tensor cores.
+    # D = 130: two 128-feature gradient chunks (fp16/bf16, tensor cores) or three of 64 (fp32).
     z0, z1, bank = views(1000, 130, dtype, seed=1, layout=layout, bank_rows=777)
     assert_matches_reference("cuda", z0, z1, bank, layout=layout)
 
@@ -69,15 +95,6 @@ def test_deterministic(dtype, layout):
     first = loss_and_grads(z0, z1, bank, backend="cuda", layout=layout)
     second = loss_and_grads(z0, z1, bank, backend="cuda", layout=layout)
     assert bitwise_equal([first[0], *first[1]], [second[0], *second[1]])
-
-
-def op_oracle(x, y, excluded, tau, grad_lse):
-    """(lse, dx, dy) of the op for an upstream grad_lse: the torch backend in float64 (dy None without y)."""
-    x64 = x.detach().double().requires_grad_(True)
-    y64 = None if y is None else y.detach().double().requires_grad_(True)
-    lse = TorchBackend().negative_lse(x64, y64, excluded, tau.double())
-    (lse * grad_lse.double()).sum().backward()
-    return lse.detach(), x64.grad, None if y64 is None else y64.grad
 
 
 def op_args(dtype=torch.float32, with_candidates=False):
