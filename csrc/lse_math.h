@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace macl {
 
@@ -146,6 +147,26 @@ C10_HOST_DEVICE inline T column_view_scale(T max_abs_coef) {
 template <typename Operand, typename T>
 C10_HOST_DEVICE inline Operand weight_operand(T probability, T factor) {
   return static_cast<Operand>(probability * factor);
+}
+
+// Two fp16/bf16 operands at once, packed as a tensor-core register holds them (the first
+// in the low 16 bits): weight_operand of each, with one conversion instruction on the GPU
+// (cvt.rn.f16x2.f32 / cvt.rn.bf16x2.f32, the same round to nearest even).
+template <typename Operand>
+C10_HOST_DEVICE inline uint32_t weight_operand_pair(float p0, float f0, float p1, float f1) {
+  static_assert(std::is_same_v<Operand, c10::Half> || std::is_same_v<Operand, c10::BFloat16>);
+#if defined(__CUDA_ARCH__)
+  uint32_t packed;
+  if constexpr (std::is_same_v<Operand, c10::Half>) {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(p1 * f1), "f"(p0 * f0));
+  } else {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(p1 * f1), "f"(p0 * f0));
+  }
+  return packed;
+#else
+  return static_cast<uint32_t>(weight_operand<Operand>(p0, f0).x) |
+         (static_cast<uint32_t>(weight_operand<Operand>(p1, f1).x) << 16);
+#endif
 }
 
 }  // namespace macl

@@ -120,15 +120,15 @@ struct TileMask {
   int e[Tile::kRows][2];
   bool any;
 
-  __device__ TileMask(const RowExclusions<Tile>& rows, int64_t col0, int64_t cols) {
-    valid = static_cast<int>(cols - col0 < Tile::kStreamed ? cols - col0 : Tile::kStreamed);
+  __device__ TileMask(const RowExclusions<Tile>& rows, int col0, int cols) {
+    valid = min(cols - col0, Tile::kStreamed);
     bool hit = false;
 #pragma unroll
     for (int i = 0; i < Tile::kRows; ++i) {
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
-        const int64_t local = rows.e[i][k] - col0;
-        e[i][k] = local >= 0 && local < Tile::kStreamed ? static_cast<int>(local) : -1;
+        const int local = rows.e[i][k] - col0;  // -1 (none) stays outside the tile
+        e[i][k] = static_cast<unsigned>(local) < static_cast<unsigned>(Tile::kStreamed) ? local : -1;
         hit |= e[i][k] >= 0;
       }
     }
@@ -159,14 +159,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     sum[i] = Acc(0);
   }
   Tile tile(smem + geo.owned_bytes() + geo.streamed_bytes());
-  const Sides<In> sides{p.x, p.rows, row0, p.y, p.cols, nullptr};
+  const Sides<In> sides{p.x, static_cast<int>(p.rows), static_cast<int>(row0), p.y, static_cast<int>(p.cols),
+                        nullptr};
 
   for_each_tile<0>(geo, sides, geo.chunks() - 1, tile, smem, [&](int t, const In*, const void*) {
-    const TileMask<Tile> mask(exclusions, static_cast<int64_t>(t) * Tile::kStreamed, p.cols);
+    const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
     Acc scale = scale2;  // what turns the tile's values into base-2 logits
-    if (mask.any || !(scale2 > Acc(0))) {
-      // Rare: masked entries (the tile holds an excluded or a missing column), or a
-      // scale <= 0 (then the max logit is not the max score times the scale).
+    if (rare(mask.any || !(scale2 > Acc(0)))) {
+      // Masked entries (the tile holds an excluded or a missing column), or a scale <= 0
+      // (then the max logit is not the max score times the scale).
 #pragma unroll
       for (int i = 0; i < Tile::kRows; ++i) {
 #pragma unroll
@@ -232,7 +233,7 @@ __device__ inline void set_weights(Tile& tile, Acc scale2, const Shift2& shift2,
     for (int j = 0; j < Tile::kCols; j += 2) {
       const Acc p0 = exp2_of(fma(tile.at(i, j), scale2, -shift2(i, j)));
       const Acc p1 = exp2_of(fma(tile.at(i, j + 1), scale2, -shift2(i, j + 1)));
-      tile.set_operands(i, j, weight_operand<Operand>(p0, factor(i, j)), weight_operand<Operand>(p1, factor(i, j + 1)));
+      tile.template set_operands<Operand>(i, j, p0, factor(i, j), p1, factor(i, j + 1));
     }
   }
 }
@@ -265,7 +266,6 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
   const int64_t owned0 = static_cast<int64_t>(blockIdx.x) * Tile::kOwned;
   const int output_chunk = static_cast<int>(blockIdx.y);
   const int64_t d0 = static_cast<int64_t>(output_chunk) * kChunk;
-  const int features = min(static_cast<int64_t>(kChunk), p.ld - d0);
   const Acc scale2 = Acc(kLog2e) / *p.tau;
   Tile tile(smem + geo.owned_bytes() + geo.streamed_bytes() + geo.all_params_bytes());
   typename Tile::Product product;
@@ -284,21 +284,24 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
       after[i] = f.after;
       shift2[i] = inside ? weight_shift(p.lse[row]) * Acc(kLog2e) : static_cast<Acc>(INFINITY);
     }
-    const Sides<In> sides{p.x, p.rows, owned0, p.y, p.cols, nullptr};
+    const Sides<In> sides{p.x, static_cast<int>(p.rows), static_cast<int>(owned0), p.y, static_cast<int>(p.cols),
+                          nullptr};
     for_each_tile<0>(geo, sides, output_chunk, tile, smem, [&](int t, const In* rows, const void*) {
       set_weights<Operand>(
           tile, scale2, [&](int i, int) { return shift2[i]; }, [&](int i, int) { return factor[i]; });
-      const TileMask<Tile> mask(exclusions, static_cast<int64_t>(t) * Tile::kStreamed, p.cols);
-      if (mask.any) {
+      const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
+      if (rare(mask.any)) {  // a tile with an excluded or a missing column
         clear_masked(tile, [&](int i, int j) { return mask.masked(i, j); });
       }
-      product.add(tile, rows, geo.stride(), features);
+      product.add(tile, rows, geo.stride());
     });
   } else {
     const Acc scale = column_view_scale(*p.max_abs_coef);  // the column view's `after`
 #pragma unroll
     for (int i = 0; i < Tile::kRows; ++i) after[i] = scale;
-    const Sides<In> sides{p.y, p.cols, owned0, p.x, p.rows, p.column_params};
+    const Sides<In> sides{p.y, static_cast<int>(p.cols), static_cast<int>(owned0), p.x, static_cast<int>(p.rows),
+                          p.column_params};
+    const int first = static_cast<int>(owned0);
     constexpr int kRecordBytes = sizeof(ColumnParams<Acc>);
     for_each_tile<kRecordBytes>(geo, sides, output_chunk, tile, smem, [&](int, const In* rows, const void* records) {
       const ColumnParams<Acc>* anchors = static_cast<const ColumnParams<Acc>*>(records);
@@ -310,15 +313,16 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
       bool hit = false;
       for (int k = threadIdx.x % 32; k < Tile::kStreamed; k += 32) {
         const int32_t* e = anchors[k].excluded;
-        hit |= (e[0] >= owned0 && e[0] < owned0 + Tile::kOwned) || (e[1] >= owned0 && e[1] < owned0 + Tile::kOwned);
+        hit |= static_cast<unsigned>(e[0] - first) < static_cast<unsigned>(Tile::kOwned) ||
+               static_cast<unsigned>(e[1] - first) < static_cast<unsigned>(Tile::kOwned);
       }
-      if (__any_sync(0xffffffffu, hit)) {
+      if (rare(__any_sync(0xffffffffu, hit))) {  // an anchor of the tile excludes a candidate of the CTA
         clear_masked(tile, [&](int i, int j) {
           const int32_t* e = anchors[Tile::col(j)].excluded;
           return is_excluded(owned0 + Tile::row(i), e[0], e[1]);
         });
       }
-      product.add(tile, rows, geo.stride(), features);
+      product.add(tile, rows, geo.stride());
     });
   }
 

@@ -53,6 +53,11 @@ struct Inputs {
   Inputs(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& excluded_in,
          const at::Tensor& tau_in, int64_t (*features)(InputType, int64_t)) {
     check_negative_lse_args(x_in, y_in, excluded_in, tau_in);
+    // Tile and row indices are 32-bit in the kernels (as the excluded table's columns are).
+    constexpr int64_t kMaxRows = (int64_t{1} << 31) - 1024;
+    TORCH_CHECK(x_in.size(0) < kMaxRows && (!y_in.has_value() || y_in->size(0) < kMaxRows),
+                "negative_lse: the CUDA kernels take fewer than 2^31 - 1024 anchors and candidates, got ",
+                x_in.size(0), " and ", y_in.has_value() ? y_in->size(0) : x_in.size(0));
     type = input_type(x_in.scalar_type());
     const int64_t dim = x_in.size(1), ld = features(type, dim);
     x = padded_operand(x_in, ld);

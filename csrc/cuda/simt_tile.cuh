@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "../lse_math.h"
+
 namespace macl::cuda {
 
 template <typename T>
@@ -41,6 +43,7 @@ struct SimtTile {
   // conflict-free), so that the product can walk them with a run-time index.
   static constexpr int kScratchStride = kStreamed + 1;
   static constexpr int kScratchBytes = kOwned * kScratchStride * sizeof(In);
+  static constexpr int kSlackBytes = kOutput * sizeof(In);  // read past the streamed rows' end
 
   In s[kCols];     // scores, then weights
   In* weights;     // this thread's scratch row
@@ -52,13 +55,13 @@ struct SimtTile {
 
   __device__ In& at(int, int j) { return s[j]; }
 
-  __device__ void zero() {
+  // s = A B^T (or s += A B^T when `accumulate`) over `features` (a multiple of kStep), A
+  // the owned rows, B the streamed rows.
+  __device__ void add_scores(const In* a, int lda, const In* b, int ldb, int features, bool accumulate) {
+    if (!accumulate) {
 #pragma unroll
-    for (int j = 0; j < kCols; ++j) s[j] = In(0);
-  }
-
-  // s += A B^T over `features` (a multiple of kStep), A the owned rows, B the streamed rows.
-  __device__ void add_scores(const In* a, int lda, const In* b, int ldb, int features) {
+      for (int j = 0; j < kCols; ++j) s[j] = In(0);
+    }
     const In* a_row = a + threadIdx.x * lda;
 #pragma unroll 1
     for (int k = 0; k < features; k += kStep) {
@@ -72,11 +75,12 @@ struct SimtTile {
     }
   }
 
-  // Columns j, j + 1 as product operands (no rounding: In is the accumulation type).
+  // Columns j, j + 1 as product operands: p * factor (lse_math.h's weight_operand, no
+  // rounding: In is the accumulation type).
   template <typename Operand>
-  __device__ void set_operands(int, int j, Operand w0, Operand w1) {
-    weights[j] = w0;
-    weights[j + 1] = w1;
+  __device__ void set_operands(int, int j, In p0, In f0, In p1, In f1) {
+    weights[j] = weight_operand<Operand>(p0, f0);
+    weights[j + 1] = weight_operand<Operand>(p1, f1);
   }
 
   __device__ void clear_operand(int, int j) { weights[j] = In(0); }
@@ -93,18 +97,18 @@ struct SimtTile {
       for (int d = 0; d < kOutput; ++d) o[d] = In(0);
     }
 
-    // o += w B[:, 0 : features], features a multiple of kStep, at most kOutput.
-    __device__ void add(const SimtTile& w, const In* b, int ldb, int features) {
+    // o += w B for kOutput features of the streamed rows B (leading dimension ldb).
+    // Features past the rows' end are read too (they only reach output features that are
+    // never written; the shared allocation has kSlackBytes past its end for them).
+    __device__ void add(const SimtTile& w, const In* b, int ldb) {
 #pragma unroll 2
       for (int j = 0; j < kCols; ++j) {
         const In weight = w.weights[j];
 #pragma unroll
         for (int d = 0; d < kOutput; d += kStep) {
-          if (d < features) {
-            const V bv = *reinterpret_cast<const V*>(b + j * ldb + d);
+          const V bv = *reinterpret_cast<const V*>(b + j * ldb + d);
 #pragma unroll
-            for (int e = 0; e < kStep; ++e) o[d + e] = fma(weight, bv.v[e], o[d + e]);
-          }
+          for (int e = 0; e < kStep; ++e) o[d + e] = fma(weight, bv.v[e], o[d + e]);
         }
       }
     }

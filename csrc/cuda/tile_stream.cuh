@@ -20,6 +20,19 @@
 
 namespace macl::cuda {
 
+// The condition of a rare path (a masked tile, the last partial tile, the chunked
+// layout). A build with -DMACL_CUDA_COMMON_PATH_ONLY, for counting the instructions of
+// the common path (tools/cuda_inner_loops.py), still computes the condition but compiles
+// the rare path out; the extension's build never defines it.
+#if defined(MACL_CUDA_COMMON_PATH_ONLY)
+__device__ inline bool rare(bool condition) {
+  asm volatile("" ::"r"(static_cast<int>(condition)));
+  return false;
+}
+#else
+__device__ inline bool rare(bool condition) { return condition; }
+#endif
+
 template <typename Tile, typename In>
 struct Geometry {
   static constexpr int kPad = 16 / sizeof(In);   // elements of padding per shared row
@@ -43,7 +56,7 @@ struct Geometry {
     return static_cast<size_t>(2) * Tile::kStreamed * params_bytes;
   }
   __host__ __device__ size_t shared_bytes() const {
-    return owned_bytes() + streamed_bytes() + all_params_bytes() + Tile::kScratchBytes;
+    return owned_bytes() + streamed_bytes() + all_params_bytes() + Tile::kScratchBytes + Tile::kSlackBytes;
   }
   // The resident layout needs one thread per 16-byte piece of a row, at most.
   __host__ static bool can_be_resident(int ld) { return ld * static_cast<int>(sizeof(In)) / 16 <= Tile::kThreads; }
@@ -58,103 +71,105 @@ class RowLoader {
  public:
   static constexpr int kPiece = 16 / sizeof(In);  // elements per copy
 
-  __device__ RowLoader(int width, int threads, int64_t ld, int stride) : ld_(ld), stride_(stride) {
+  __device__ RowLoader(int width, int threads, int64_t ld, int stride) : ld_(ld) {
     const int pieces = width / kPiece;
-    piece_ = threadIdx.x % pieces;
+    feature_ = threadIdx.x % pieces * kPiece;
     first_row_ = threadIdx.x / pieces;
     row_step_ = threads / pieces;
     if (threadIdx.x >= row_step_ * pieces) {
       first_row_ = 1 << 30;  // an idle thread: no row
     }
+    from_offset_ = first_row_ * ld + feature_;
+    to_offset_ = static_cast<uint32_t>((first_row_ * stride + feature_) * sizeof(In));
+    from_step_ = row_step_ * ld;
+    to_step_ = static_cast<uint32_t>(row_step_ * stride * sizeof(In));
   }
 
-  // Rows [row0, row0 + count) of `src` (n rows), features from f0, into dst.
-  __device__ void load(In* dst, const In* src, int64_t n, int64_t row0, int count, int64_t f0) const {
-    const int64_t feature = f0 + piece_ * kPiece;
-    // Rows that exist and whose piece holds features: copied; the rest: zero-filled.
-    const int64_t rows_left = feature < ld_ ? n - row0 : 0;
-    const int valid = static_cast<int>(rows_left < count ? (rows_left > 0 ? rows_left : 0) : count);
-    const In* from = src + (row0 + first_row_) * ld_ + feature;
-    In* to = dst + first_row_ * stride_ + piece_ * kPiece;
-    const int64_t from_step = row_step_ * ld_;
-    const int to_step = row_step_ * stride_;
+  // Rows [row0, row0 + count) of `src` (n > row0 rows), features from f0, to the shared
+  // rows starting at address dst.
+  __device__ void load(uint32_t dst, const In* src, int n, int row0, int count, int f0) const {
+    // Rows that exist and whose piece holds features are copied, the rest zero-filled.
+    const int valid = f0 + feature_ < ld_ ? min(n - row0, count) : 0;
+    const In* from = src + static_cast<int64_t>(row0) * ld_ + f0 + from_offset_;
+    uint32_t to = dst + to_offset_;
     int r = first_row_;
-    for (; r < valid; r += row_step_, from += from_step, to += to_step) {
+    for (; r < valid; r += row_step_, from += from_step_, to += to_step_) {
       ptx::cp_async_16(to, from, 16);
     }
-    for (; r < count; r += row_step_, to += to_step) {
+    for (; rare(r < count); r += row_step_, to += to_step_) {  // rows past the array's end
       ptx::cp_async_16(to, src, 0);
     }
   }
 
  private:
-  int64_t ld_;
-  int stride_;
-  int piece_, first_row_, row_step_;
+  int64_t ld_, from_offset_, from_step_;
+  uint32_t to_offset_, to_step_;
+  int feature_, first_row_, row_step_;
 };
 
-// Copies `count` records of kBytes (a multiple of 16) each, from record row0 of an array
-// of n records, zeros past its end.
-template <int kBytes>
-__device__ inline void load_records(void* dst, const void* src, int64_t n, int64_t row0, int count, int threads) {
+// Copies the kCount records of kBytes (a multiple of 16) each that start at record row0 of
+// an array of n > row0 records, zeros past its end, to shared memory at dst.
+template <int kCount, int kBytes>
+__device__ inline void load_records(uint32_t dst, const void* src, int n, int row0, int threads) {
   constexpr int kPieces = kBytes / 16;
-  for (int k = threadIdx.x; k < count * kPieces; k += threads) {
-    const int64_t row = row0 + k / kPieces;
-    const bool inside = row < n;
-    const char* from = static_cast<const char*>(src) + (inside ? row * kBytes + (k % kPieces) * 16 : 0);
-    ptx::cp_async_16(static_cast<char*>(dst) + k * 16, from, inside ? 16 : 0);
+  const int valid = min(n - row0, kCount) * kPieces;
+  const char* from = static_cast<const char*>(src) + static_cast<int64_t>(row0) * kBytes;
+  for (int k = threadIdx.x; k < kCount * kPieces; k += threads) {
+    ptx::cp_async_16(dst + 16 * k, k < valid ? from + 16 * k : from, k < valid ? 16 : 0);
   }
 }
 
 // The two sides of a kernel: owned rows [owned0, owned0 + kOwned) of `owned` (n_owned
 // rows), streamed tiles of `streamed` (n_streamed rows), both padded operands with row
 // length ld; and per-streamed-row records (params, geo.params_bytes each), or null.
+// Row counts are below 2^31 (op_host.h checks).
 template <typename In>
 struct Sides {
   const In* owned;
-  int64_t n_owned, owned0;
+  int n_owned, owned0;
   const In* streamed;
-  int64_t n_streamed;
+  int n_streamed;
   const void* params;
 };
 
-// Computes the scores of the owned rows against every streamed tile, in order, into
-// `tile`, and calls on_tile(t, rows, records) once tile t's scores are complete: `rows`
-// points at that tile's streamed rows in shared memory, at feature `output_chunk` *
-// kChunk (their leading dimension is geo.stride()), `records` at its streamed rows'
-// records (kRecordBytes each; geo.params_bytes must equal it). The features of
-// output_chunk are the last ones summed, so in the chunked layout they are still in
-// shared memory for the gradient product.
-template <int kRecordBytes, typename Tile, typename In, typename OnTile>
-__device__ void for_each_tile(const Geometry<Tile, In>& geo, const Sides<In>& sides, int output_chunk, Tile& tile,
-                              unsigned char* smem, OnTile&& on_tile) {
+// The loop of for_each_tile for one layout (kResident: one step per tile).
+template <bool kResident, int kRecordBytes, typename Tile, typename In, typename OnTile>
+__device__ void stream_tiles(const Geometry<Tile, In>& geo, const Sides<In>& sides, int output_chunk, Tile& tile,
+                             unsigned char* smem, OnTile& on_tile) {
   constexpr int kOwned = Tile::kOwned, kStreamed = Tile::kStreamed, kChunk = Geometry<Tile, In>::kChunk;
-  In* owned_area = reinterpret_cast<In*>(smem);
-  In* streamed_area = reinterpret_cast<In*>(smem + geo.owned_bytes());
-  unsigned char* params_area = smem + geo.owned_bytes() + geo.streamed_bytes();
-  const int stride = geo.stride(), chunks = geo.chunks();
+  const int stride = geo.stride(), chunks = kResident ? 1 : geo.chunks();
+  // Shared memory: the owned rows (one stage when resident), two stages of streamed rows
+  // and two of records, as pointers and as shared addresses for the copies.
+  const In* owned_rows = reinterpret_cast<const In*>(smem);
+  const In* streamed_rows = reinterpret_cast<const In*>(smem + geo.owned_bytes());
+  const unsigned char* records = smem + geo.owned_bytes() + geo.streamed_bytes();
+  const uint32_t owned_area = ptx::shared_address(smem);
+  const uint32_t streamed_area = owned_area + static_cast<uint32_t>(geo.owned_bytes());
+  const uint32_t records_area = streamed_area + static_cast<uint32_t>(geo.streamed_bytes());
+  const int owned_stage = kOwned * stride, streamed_stage = kStreamed * stride;  // elements
   const int first_chunk = output_chunk + 1 < chunks ? output_chunk + 1 : 0;
-  const int tiles = static_cast<int>((sides.n_streamed + kStreamed - 1) / kStreamed);
+  const int tiles = (sides.n_streamed + kStreamed - 1) / kStreamed;
   const RowLoader<In> loader(geo.stage_features(), Tile::kThreads, geo.ld, stride);
 
   // Step (t, q): the q-th chunk of features of streamed tile t, into `stage`.
   auto chunk_at = [&](int q) { return first_chunk + q < chunks ? first_chunk + q : first_chunk + q - chunks; };
   auto issue = [&](int t, int q, int stage) {
-    const int64_t f0 = geo.resident ? 0 : static_cast<int64_t>(chunk_at(q)) * kChunk;
-    loader.load(streamed_area + stage * kStreamed * stride, sides.streamed, sides.n_streamed,
-                static_cast<int64_t>(t) * kStreamed, kStreamed, f0);
-    if (!geo.resident) {
-      loader.load(owned_area + stage * kOwned * stride, sides.owned, sides.n_owned, sides.owned0, kOwned, f0);
+    const int f0 = kResident ? 0 : chunk_at(q) * kChunk;
+    loader.load(streamed_area + stage * streamed_stage * sizeof(In), sides.streamed, sides.n_streamed,
+                t * kStreamed, kStreamed, f0);
+    if constexpr (!kResident) {
+      loader.load(owned_area + stage * owned_stage * sizeof(In), sides.owned, sides.n_owned, sides.owned0, kOwned,
+                  f0);
     }
     if constexpr (kRecordBytes > 0) {
       if (q == 0) {
-        load_records<kRecordBytes>(params_area + (t & 1) * kStreamed * kRecordBytes, sides.params, sides.n_streamed,
-                                   static_cast<int64_t>(t) * kStreamed, kStreamed, Tile::kThreads);
+        load_records<kStreamed, kRecordBytes>(records_area + (t & 1) * kStreamed * kRecordBytes, sides.params,
+                                              sides.n_streamed, t * kStreamed, Tile::kThreads);
       }
     }
   };
 
-  if (geo.resident) {
+  if constexpr (kResident) {
     loader.load(owned_area, sides.owned, sides.n_owned, sides.owned0, kOwned, 0);
   }
   if (tiles > 0) {
@@ -166,27 +181,38 @@ __device__ void for_each_tile(const Geometry<Tile, In>& geo, const Sides<In>& si
     for (int q = 0; q < chunks; ++q, stage ^= 1) {
       ptx::cp_async_wait_all();
       __syncthreads();  // this step's rows are in; every thread is done with the other stage
-      if (q + 1 < chunks) {
-        issue(t, q + 1, stage ^ 1);
-      } else if (t + 1 < tiles) {
-        issue(t + 1, 0, stage ^ 1);
+      const bool last_chunk = q + 1 == chunks;
+      if (!last_chunk || t + 1 < tiles) {
+        issue(last_chunk ? t + 1 : t, last_chunk ? 0 : q + 1, stage ^ 1);
       }
       ptx::cp_async_commit();
-      const int f0 = geo.resident ? 0 : chunk_at(q) * kChunk;
-      const int features = min(geo.stage_features(), geo.ld - f0);
-      const In* owned_rows = geo.resident ? owned_area : owned_area + stage * kOwned * stride;
-      const In* streamed_rows = streamed_area + stage * kStreamed * stride;
-      if (q == 0) {
-        tile.zero();
-      }
-      tile.add_scores(owned_rows, stride, streamed_rows, stride, features);
-      if (q + 1 == chunks) {
-        on_tile(t, streamed_rows + (geo.resident ? output_chunk * kChunk : 0),
-                params_area + (t & 1) * kStreamed * kRecordBytes);
+      const int f0 = kResident ? 0 : chunk_at(q) * kChunk;
+      const In* streamed = streamed_rows + stage * streamed_stage;
+      tile.add_scores(kResident ? owned_rows : owned_rows + stage * owned_stage, stride, streamed, stride,
+                      min(geo.stage_features(), geo.ld - f0), /*accumulate=*/q > 0);
+      if (last_chunk) {
+        on_tile(t, streamed + (kResident ? output_chunk * kChunk : 0), records + (t & 1) * kStreamed * kRecordBytes);
       }
     }
   }
   ptx::cp_async_wait_all();  // (nothing is in flight here, but leave none behind)
+}
+
+// Computes the scores of the owned rows against every streamed tile, in order, into
+// `tile`, and calls on_tile(t, rows, records) once tile t's scores are complete: `rows`
+// points at that tile's streamed rows in shared memory, at feature `output_chunk` *
+// kChunk (their leading dimension is geo.stride()), `records` at its streamed rows'
+// records (kRecordBytes each; geo.params_bytes must equal it). The features of
+// output_chunk are the last ones summed, so in the chunked layout they are still in
+// shared memory for the gradient product.
+template <int kRecordBytes, typename Tile, typename In, typename OnTile>
+__device__ void for_each_tile(const Geometry<Tile, In>& geo, const Sides<In>& sides, int output_chunk, Tile& tile,
+                              unsigned char* smem, OnTile&& on_tile) {
+  if (!rare(!geo.resident)) {
+    stream_tiles<true, kRecordBytes>(geo, sides, output_chunk, tile, smem, on_tile);
+  } else {
+    stream_tiles<false, kRecordBytes>(geo, sides, output_chunk, tile, smem, on_tile);
+  }
 }
 
 }  // namespace macl::cuda

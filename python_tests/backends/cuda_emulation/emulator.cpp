@@ -217,12 +217,26 @@ inline int __any_sync(unsigned, int predicate) {
   });
 }
 
-// ptx.cuh's instructions, from the PTX ISA.
+// The kernels' dynamic shared memory, for the one CTA in flight.
+namespace macl::cuda {
+namespace {
+constexpr size_t kSharedBytes = 256 * 1024;
+alignas(16) unsigned char smem[kSharedBytes];
+}  // namespace
+}  // namespace macl::cuda
+
+// ptx.cuh's instructions, from the PTX ISA; shared-memory addresses are offsets into smem.
 namespace macl::cuda::ptx {
 
-inline void cp_async_16(void* dst, const void* src, uint32_t src_bytes) {
+inline uint32_t shared_address(const void* pointer) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(pointer) - smem);
+}
+
+inline const unsigned char* shared_pointer(uint32_t address) { return smem + address; }
+
+inline void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
   emu::Fiber& f = emu::fiber();
-  f.copies.push_back({dst, src, src_bytes});
+  f.copies.push_back({smem + dst, src, src_bytes});
   if (emu::cta->immediate_copies) {
     emu::land_copies(f);
   }
@@ -241,8 +255,8 @@ inline uint32_t load_pair(const unsigned char* first, const unsigned char* secon
 
 // Matrix i's row r starts at the address lane 8 i + r gave; lane l receives row l / 4,
 // columns 2 (l % 4) and + 1 (transposed: column l / 4, rows 2 (l % 4) and + 1).
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
-  const auto* mine = static_cast<const unsigned char*>(row_address);
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t row_address) {
+  const unsigned char* mine = shared_pointer(row_address);
   const int l = emu::lane();
   const auto fragment = emu::warp_collective(mine, [&] {
     std::array<uint32_t, 4> out;
@@ -255,8 +269,8 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
   for (int i = 0; i < 4; ++i) r[i] = fragment[i];
 }
 
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_address) {
-  const auto* mine = static_cast<const unsigned char*>(row_address);
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t row_address) {
+  const unsigned char* mine = shared_pointer(row_address);
   const int l = emu::lane();
   const auto fragment = emu::warp_collective(mine, [&] {
     std::array<uint32_t, 4> out;
@@ -325,17 +339,16 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   for (int i = 0; i < 4; ++i) c[i] = d[i];
 }
 
+template <typename In>
+void mma_m16n8k16_first(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  mma_m16n8k16<In>(zero, a, b0, b1);
+  std::copy(zero, zero + 4, c);
+}
+
 inline float exp2_approx(float x) { return std::exp2(x); }
 
 }  // namespace macl::cuda::ptx
-
-// The kernels' dynamic shared memory, for the one CTA in flight.
-namespace macl::cuda {
-namespace {
-constexpr size_t kSharedBytes = 256 * 1024;
-alignas(16) unsigned char smem[kSharedBytes];
-}  // namespace
-}  // namespace macl::cuda
 
 #include "cuda/launch_plan.cuh"
 #include "cuda/op_host.h"
