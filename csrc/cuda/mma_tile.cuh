@@ -102,7 +102,7 @@ struct MmaTile {
   struct Product {
     static constexpr int kBlocks = kOutput / 8;
     static constexpr int kFeatures = 2 * kBlocks;  // per thread and row
-    float o[kBlocks][4];  // element (i, d): o[d / 8][2 i + d % 2], feature 8 (d / 8) + 2 t + d % 2
+    float o[kBlocks][4];  // element (i, d): o[d / 2][2 i + d % 2], feature 8 (d / 2) + 2 t + d % 2
 
     __device__ static int feature(int d) { return 8 * (d / 2) + 2 * (lane() % 4) + d % 2; }
     __device__ float& at(int i, int d) { return o[d / 2][2 * i + d % 2]; }

@@ -7,31 +7,39 @@
 // with the scores of one owned block x streamed tile in registers (mma_tile.cuh,
 // simt_tile.cuh):
 //
-//   negative_lse_forward     owns 64 (fp16/bf16) or 128 (fp32/fp64) anchors, streams the
-//                            candidates; keeps each row's online log-sum-exp (running max
-//                            and sum, base 2) in registers, merged once per tile.
+//   negative_lse_forward     owns anchors, streams the candidates; keeps each row's online
+//                            log-sum-exp (running max and sum, base 2) in registers, the
+//                            max merged across the row's lanes once per tile, the sums at
+//                            the end.
 //   negative_lse_rows_grad   owns anchors, streams candidates: dx = E y for one chunk of
 //                            gradient features (grid.y), accumulated in registers over the
 //                            whole candidate loop and written once.
 //   negative_lse_cols_grad   owns candidates, streams anchors: dy = E^T x (or dx += E^T x
 //                            when the candidates are the anchors), likewise.
-//   negative_lse_column_params  (setup) the per-anchor records the column pass streams.
+//   negative_lse_column_params  (setup, O(rows)) the per-anchor records the column pass
+//                            streams with the anchors.
 //
 // Every output element has one writer and the candidates are summed in a fixed order:
-// deterministic, no atomics. exp is exp2 with log2(e) / tau folded into one FMA.
+// deterministic, no atomics. exp is exp2 with log2(e) / tau folded into one FMA; the
+// backward's weights are rounded as lse_math.h says (weight_operand).
 //
-// The inner loop, for the codegen report: one iteration of each kernel's loop over
-// streamed tiles (tile_stream.cuh's for_each_tile, resident layout: one step per tile)
-// computes one owned block x streamed tile of scores. Per thread and iteration:
-//   fp16/bf16 (MmaTile):  64 x 64 tile, 4 warps x 16 rows; 2 rows x 16 columns = 32 score
-//                         elements per thread. Scores: D / 16 x (1 + 4 ldmatrix.x4,
-//                         8 HMMA.16816); row/column gradient passes add 4 x 8 ldmatrix.x4.trans
-//                         and 4 x 16 HMMA for 128 gradient features.
-//   float32 (SimtTile):   128 x 32 tile, one owned row per thread: 32 elements per thread.
-//   float64 (SimtTile):   128 x 16 tile: 16 elements per thread.
-// Each iteration has a fast path (no masked entry in the warp's part of the tile) and a
-// masked path (a tile holding excluded columns, or the last, partial tile); the count
-// per element is that of the fast path at D = 128.
+// The inner loop, for the codegen report: the loop over streamed tiles in
+// tile_stream.cuh's stream_tiles, the one loop that holds a barrier. In the resident
+// layout (the owned rows and two stages of streamed rows fit in shared memory: D up to
+// 576 for fp16/bf16 on sm_90, 416 on sm_80) an iteration is one tile: wait for its
+// copies, issue the next tile's, the scores (add_scores), the kernel's epilogue. Per
+// thread and iteration:
+//   fp16/bf16 (MmaTile)  64 owned x 64 streamed rows, 4 warps of 16 owned rows: 2 rows x
+//                        16 columns = 32 score elements per thread. Scores: D / 16 steps
+//                        of 5 ldmatrix.x4 and 8 HMMA.16816; the gradient passes add 32
+//                        ldmatrix.x4.trans and 64 HMMA (128 gradient features).
+//   float32 (SimtTile)   64 x 32, one owned row per thread: 32 elements per thread.
+//   float64 (SimtTile)   64 x 16: 16 elements per thread.
+// Nested in it: the k loop of add_scores (D / 32 iterations for fp16/bf16), the cp.async
+// copy loop (64 rows x D / 8 copies over 128 threads: D / 16 iterations), the gradient
+// product of SimtTile. The paths for masked tiles (excluded or missing columns) and the
+// chunked layout sit behind tile_stream.cuh's rare(); tools/cuda_inner_loops.py builds
+// without them (-DMACL_CUDA_COMMON_PATH_ONLY) and counts instructions per element.
 #include <cuda_runtime.h>
 
 #include <cstddef>

@@ -74,13 +74,12 @@ class RowLoader {
   __device__ RowLoader(int width, int threads, int64_t ld, int stride) : ld_(ld) {
     const int pieces = width / kPiece;
     feature_ = threadIdx.x % pieces * kPiece;
-    first_row_ = threadIdx.x / pieces;
     row_step_ = threads / pieces;
-    if (threadIdx.x >= row_step_ * pieces) {
-      first_row_ = 1 << 30;  // an idle thread: no row
-    }
-    from_offset_ = first_row_ * ld + feature_;
-    to_offset_ = static_cast<uint32_t>((first_row_ * stride + feature_) * sizeof(In));
+    const bool idle = threadIdx.x >= row_step_ * pieces;  // (threads not a multiple of pieces)
+    const int row = idle ? 0 : threadIdx.x / pieces;
+    first_row_ = idle ? 1 << 30 : row;  // an idle thread copies no row
+    from_offset_ = row * ld + feature_;
+    to_offset_ = static_cast<uint32_t>((row * stride + feature_) * sizeof(In));
     from_step_ = row_step_ * ld;
     to_step_ = static_cast<uint32_t>(row_step_ * stride * sizeof(In));
   }

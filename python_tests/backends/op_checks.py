@@ -85,8 +85,8 @@ def op_inputs(case: OpCase, device: str = "cpu", seed: int = 0):
 # streamed tiles (the fp16/bf16 kernels own 64 rows and stream 64; fp32 64 and 32; fp64
 # 64 and 16), several CTAs and tiles, dims that need padding (19, 40), several gradient
 # chunks (130: 2 chunks of 128 features for fp16/bf16, 3 of 64 for fp32, 5 of 32 for fp64)
-# and a dim whose rows fit shared memory only chunk by chunk (600, fp16/bf16 on a 227 KiB
-# device).
+# and dims whose rows fit shared memory only chunk by chunk on a GPU (600: 227 KiB hold
+# 576 fp16/bf16 features in the resident layout, far fewer float32/float64 ones).
 OP_CASES = [
     OpCase(dtype, layout, n, d)
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -98,6 +98,8 @@ OP_CASES = [
     OpCase(torch.float32, "cross", 40, 130),
     OpCase(torch.float64, "cross", 40, 130),
     OpCase(torch.bfloat16, "ntxent", 20, 600),
+    OpCase(torch.float32, "cross", 20, 600),
+    OpCase(torch.float64, "ntxent", 10, 600),
     OpCase(torch.float16, "queue", 3, 8, bank=1),
 ]
 

@@ -84,3 +84,6 @@ def test_strided_inputs_and_no_negatives():
     assert_rel_close(lse[[1, 3]], expected[[1, 3]], 1e-6, "lse")
     assert_rel_close(dx, expected_dx, 2e-3, "dx")
     assert_rel_close(dy, expected_dy, 2e-3, "dy")
+    # No candidates at all: no tile to stream, every anchor without negatives.
+    lse, dx, dy = emu_op(x, y[:0], excluded.fill_(-1), tau, grad_lse, True)
+    assert torch.isinf(lse).all() and (lse < 0).all() and (dx == 0).all() and dy.shape == (0, 3)
