@@ -4,14 +4,18 @@
 // The kernels compute, per anchor row r, the log-sum-exp of its negative logits
 //     lse[r] = log sum_{c not excluded for r} exp(s[r, c] / tau)
 // and, in the backward, the weights E[r, c] = coef[r] * exp(s[r, c] / tau - lse[r])
-// with coef[r] = dL/dlse[r] / tau. The per-anchor loss itself stays in Python
+// with coef[r] = dL/dlse[r] / tau (MATH.md section 4), as operands of products in the
+// input type (see weight_operand below). The per-anchor loss itself stays in Python
 // (macl_kernels/_math.py), shared by every backend.
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace macl {
 
@@ -99,10 +103,70 @@ C10_HOST_DEVICE inline T weight_shift(T lse) {
   return lse == negative_infinity<T>() ? static_cast<T>(INFINITY) : lse;
 }
 
-// The backward weight of one negative: coef * exp(logit - shift) (MATH.md section 4).
+// ---- The backward's weights as operands of a product in the input type ----
+//
+// For fp16/bf16 inputs the weights meet the other side's rows in a product of the input
+// type (the GPU's tensor cores), so they are rounded to it; the CPU kernel rounds the same
+// values the same way (round to nearest even), so that it shows the same numbers.
+// E = coef * p itself is never rounded: coef = dL/dlse / tau is about 1 / (M tau), and at
+// M = 65536, tau = 0.1 the median E is ~1.6e-9, below fp16's smallest subnormal (6e-8):
+// nearly every weight would round to 0 and the gradient of the negatives would vanish
+// with the batch size (issue 11). What is rounded is p * factor, with
+// p = exp(logit - lse) <= 1 and |factor| <= 1, and the product is multiplied by the rest
+// of coef afterwards, in the accumulation type:
+//
+//   row view    (dx = E y, each output row one anchor):  factor 1,               after coef[r]
+//   column view (dy = E^T x, a sum over the anchors):    factor coef[r] / scale, after scale
+//
+// with one scale for the whole problem: max_r |coef[r]| (column_view_scale). These are the
+// rules of the Triton kernels too (macl_kernels/backends/triton/backward.py).
 template <typename T>
-C10_HOST_DEVICE inline T negative_weight(T logit, T shift, T coef) {
-  return coef * exp_of(logit - shift);
+struct OperandFactors {
+  T factor;  // multiplies p before the rounding; |factor| <= 1
+  T after;   // multiplies the product, in the accumulation type
+};
+
+template <typename T>
+C10_HOST_DEVICE inline OperandFactors<T> row_view_factors(T coef) {
+  return {T(1), coef};
+}
+
+template <typename T>
+C10_HOST_DEVICE inline OperandFactors<T> column_view_factors(T coef, T scale) {
+  return {coef / scale, scale};
+}
+
+// The column view's scale from max_r |coef[r]|; 1 when every coef is 0 (no gradient).
+template <typename T>
+C10_HOST_DEVICE inline T column_view_scale(T max_abs_coef) {
+  return max_abs_coef > T(0) ? max_abs_coef : T(1);
+}
+
+// The operand of one weight: p * factor rounded to the nearest Operand (c10::Half,
+// c10::BFloat16), or left as is (float, double).
+template <typename Operand, typename T>
+C10_HOST_DEVICE inline Operand weight_operand(T probability, T factor) {
+  return static_cast<Operand>(probability * factor);
+}
+
+// Two fp16/bf16 operands at once, packed as a tensor-core register holds them (the first
+// in the low 16 bits): weight_operand of each, with one conversion instruction on the GPU
+// (cvt.rn.f16x2.f32 / cvt.rn.bf16x2.f32, the same round to nearest even).
+template <typename Operand>
+C10_HOST_DEVICE inline uint32_t weight_operand_pair(float p0, float f0, float p1, float f1) {
+  static_assert(std::is_same_v<Operand, c10::Half> || std::is_same_v<Operand, c10::BFloat16>);
+#if defined(__CUDA_ARCH__)
+  uint32_t packed;
+  if constexpr (std::is_same_v<Operand, c10::Half>) {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(p1 * f1), "f"(p0 * f0));
+  } else {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(p1 * f1), "f"(p0 * f0));
+  }
+  return packed;
+#else
+  return static_cast<uint32_t>(weight_operand<Operand>(p0, f0).x) |
+         (static_cast<uint32_t>(weight_operand<Operand>(p1, f1).x) << 16);
+#endif
 }
 
 }  // namespace macl

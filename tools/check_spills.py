@@ -24,7 +24,8 @@ ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm
 SPILLS = re.compile(
     r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads"
 )
-USAGE = re.compile(r"Used (?P<registers>\d+) registers.*?(?P<smem>\d+) bytes smem")
+USAGE = re.compile(r"Used (?P<registers>\d+) registers")
+SMEM = re.compile(r"(?P<smem>\d+) bytes smem")  # static shared memory; absent when there is none
 
 
 def nvcc_command(source: str, arch: str, output: str) -> List[str]:
@@ -63,7 +64,10 @@ def parse_report(text: str) -> List[Dict[str, object]]:
             kernels[-1].update({k: int(v) for k, v in spills.groupdict().items()})
         usage = USAGE.search(line)
         if usage:
-            kernels[-1].update({k: int(v) for k, v in usage.groupdict().items()})
+            kernels[-1].update({"registers": int(usage["registers"]), "smem": 0})
+            smem = SMEM.search(line)
+            if smem:
+                kernels[-1]["smem"] = int(smem["smem"])
     return kernels
 
 
@@ -112,7 +116,7 @@ def main() -> int:
     print(f"{'arch':6} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st/ld':>11}  kernel")
     for k, name in zip(kernels, names):
         spill = f"{k.get('stores', '?')}/{k.get('loads', '?')}"
-        short = re.sub(r"macl::cuda::\(anonymous namespace\)::", "", name)
+        short = re.sub(r"macl::cuda::(\(anonymous namespace\)::)?", "", name).split("(")[0]
         regs, smem, stack = (k.get(key, "?") for key in ("registers", "smem", "stack"))
         print(f"{k['arch']:6} {regs:>4} {smem:>6} {stack:>5} {spill:>11}  {short}")
     if bad:

@@ -9,7 +9,8 @@
 // Without candidates (y = None, the ntxent layout) S = X X^T is symmetric: each tile
 // (I, J > I) is computed once and serves the rows of I and, transposed, the rows of J,
 // which halves the gemms and exps of both passes. Tiles are visited in the rounds of
-// schedule.h, so the result does not depend on the number of threads.
+// schedule.h and every gemm is a sequential one (blas_threads.h), so the result does
+// not depend on the number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <optional>
 #include <thread>
 #include <tuple>
@@ -27,6 +29,7 @@
 
 #include "../checks.h"
 #include "../lse_math.h"
+#include "blas_threads.h"
 #include "schedule.h"
 #include "tile_passes.h"
 
@@ -48,6 +51,7 @@ struct Problem {
   const int32_t* excluded;  // M x 2
   bool symmetric;
   T inv_tau;
+  Rounding rounding;  // of the backward's weights: those of fp16/bf16 inputs, as on the GPU
 
   int64_t rows() const { return x.size(0); }
   int64_t cols() const { return y.size(0); }
@@ -64,11 +68,20 @@ struct MaskedEntry {
   T logit;
 };
 
-// One thread's scratch: a tile buffer and its masked entries.
+// One thread's scratch: a tile buffer, its masked entries, and a second tile buffer for
+// the rounded backward, where a tile's row and column views round differently.
 template <typename T>
 class TileWorker {
  public:
   explicit TileWorker(const Problem<T>& p) : p_(p), buffer_(at::empty({kBlock * kBlock}, p.x.options())) {}
+
+  // A second rows x cols tile, allocated on first use.
+  at::Tensor second_tile(int64_t rows, int64_t cols) {
+    if (!second_.defined()) {
+      second_ = at::empty({kBlock * kBlock}, p_.x.options());
+    }
+    return second_.narrow(0, 0, rows * cols).view({rows, cols});
+  }
 
   // Logits of row block I against column block J, row-major (rows x cols).
   at::Tensor logits(int64_t I, int64_t J) {
@@ -126,7 +139,7 @@ class TileWorker {
 
  private:
   const Problem<T>& p_;
-  at::Tensor buffer_;
+  at::Tensor buffer_, second_;
   std::vector<MaskedEntry<T>> row_masked_, column_masked_;
   int64_t r0_ = 0, c0_ = 0;
 };
@@ -151,6 +164,7 @@ void run_tasks(const Problem<T>& p, const std::vector<int64_t>& round_starts, co
   const at::ThreadLocalState caller_state;  // OpenMP workers start without the dispatcher state of the op
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
+    const ScopedSequentialBlas sequential_blas;  // the same gemm code path for any thread count
     TileWorker<T> worker(p);
     for (int64_t k = next.fetch_add(1); k < total; k = next.fetch_add(1)) {
       while (done.load(std::memory_order_acquire) < round_start_of[k]) {
@@ -239,36 +253,100 @@ at::Tensor forward(const Problem<T>& p) {
   return lse;
 }
 
+// The weight of one logit for anchor a of a view, 0 where a's exclusions mask column
+// `other` (the scalar twin of the vectorized passes, for masked entries).
+template <typename T>
+T view_weight(const Problem<T>& p, const WeightView<T>& view, int64_t a, int64_t other, T logit) {
+  if (is_excluded(other, p.excluded[2 * a], p.excluded[2 * a + 1])) {
+    return T(0);
+  }
+  const T probability = exp_of(logit - view.shift[a]);
+  T operand;
+  switch (p.rounding) {
+    case Rounding::kHalf:
+      operand = static_cast<float>(weight_operand<c10::Half>(probability, view.factor[a]));
+      break;
+    case Rounding::kBFloat16:
+      operand = static_cast<float>(weight_operand<c10::BFloat16>(probability, view.factor[a]));
+      break;
+    default:
+      operand = weight_operand<T>(probability, view.factor[a]);
+  }
+  return view.after[a] * operand;
+}
+
+// The two views of the weights E[r, c] = coef[r] * exp(logit - lse[r]) of lse_math.h: the
+// row view serves the products into an anchor's own gradient row (dx += E y), the column
+// view those that sum over anchors (dy += E^T x). Without rounding both give E.
+template <typename T>
+struct Views {
+  std::vector<T> shift, row_factor, row_after, column_factor, column_after;
+
+  Views(const Problem<T>& p, const at::Tensor& grad_lse, const at::Tensor& lse)
+      : shift(p.rows()), row_factor(p.rows()), row_after(p.rows()), column_factor(p.rows()), column_after(p.rows()) {
+    const T* g = grad_lse.const_data_ptr<T>();
+    const T* l = lse.const_data_ptr<T>();
+    std::vector<T> coef(p.rows());
+    T max_abs_coef = 0;
+    for (int64_t r = 0; r < p.rows(); ++r) {
+      shift[r] = weight_shift(l[r]);
+      coef[r] = g[r] * p.inv_tau;  // dL/dlse / tau (MATH.md section 4)
+      max_abs_coef = std::max(max_abs_coef, std::abs(coef[r]));
+    }
+    const T scale = column_view_scale(max_abs_coef);
+    for (int64_t r = 0; r < p.rows(); ++r) {
+      const OperandFactors<T> as_row = row_view_factors(coef[r]);
+      const OperandFactors<T> as_column = column_view_factors(coef[r], scale);
+      row_factor[r] = as_row.factor;
+      row_after[r] = as_row.after;
+      column_factor[r] = as_column.factor;
+      column_after[r] = as_column.after;
+    }
+  }
+
+  WeightView<T> row() const { return {shift.data(), row_factor.data(), row_after.data()}; }
+  WeightView<T> column() const { return {shift.data(), column_factor.data(), column_after.data()}; }
+};
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> backward(const Problem<T>& p, const at::Tensor& grad_lse, const at::Tensor& lse,
                                             bool need_dy) {
   const TilePasses<T>& passes = tile_passes<T>();
-  std::vector<T> shift(p.rows()), coef(p.rows());
-  const T* g = grad_lse.const_data_ptr<T>();
-  const T* l = lse.const_data_ptr<T>();
-  for (int64_t r = 0; r < p.rows(); ++r) {
-    shift[r] = weight_shift(l[r]);
-    coef[r] = g[r] * p.inv_tau;  // dL/dlse / tau (MATH.md section 4)
-  }
+  const Views<T> views(p, grad_lse, lse);
+  const WeightView<T> row_view = views.row();
+  // Unrounded, the views agree and one tile of weights serves both kinds of product.
+  const bool rounded = p.rounding != Rounding::kNone;
+  const WeightView<T> column_view = rounded ? views.column() : row_view;
   at::Tensor dx = at::zeros_like(p.x);
   at::Tensor dy = (need_dy && !p.symmetric) ? at::zeros_like(p.y) : at::Tensor();
 
-  // E = coef * exp(logits - lse) on the row view, 0 on masked entries.
-  auto row_weights = [&](TileWorker<T>& w, int64_t I, int64_t J) {
-    at::Tensor tile = w.logits(I, J);
-    TileWorker<T>::set(tile, w.row_masked(tile), /*restore=*/false);
-    passes.row_weights(tile.data_ptr<T>(), tile.size(0), tile.size(1), tile.size(1), &shift[w.row0()],
-                       &coef[w.row0()]);
-    return tile;
+  // The weights of a tile of masked logits (rows I, columns J) for the anchors of I, in `out`.
+  auto weights = [&](TileWorker<T>& w, const at::Tensor& logits, const at::Tensor& out, const WeightView<T>& view) {
+    passes.weights(logits.const_data_ptr<T>(), out.data_ptr<T>(), logits.size(0), logits.size(1), logits.size(1),
+                   view.at(w.row0()), p.rounding);
+    return out;
+  };
+  // Masked logits of tile (I, J) and their weights in the row view (first) and column view
+  // (second: the same tensor when unrounded; undefined when `need_column` is false).
+  auto tile_weights = [&](TileWorker<T>& w, int64_t I, int64_t J, bool need_column) {
+    at::Tensor logits = w.logits(I, J);
+    TileWorker<T>::set(logits, w.row_masked(logits), /*restore=*/false);
+    if (!rounded) {
+      weights(w, logits, logits, row_view);
+      return std::make_pair(logits, logits);
+    }
+    at::Tensor as_rows = weights(w, logits, w.second_tile(logits.size(0), logits.size(1)), row_view);
+    at::Tensor as_columns = need_column ? weights(w, logits, logits, column_view) : at::Tensor();
+    return std::make_pair(as_rows, as_columns);
   };
   auto dx_of = [&](int64_t I) { return dx.narrow(0, I * kBlock, Problem<T>::block_size(I, p.rows())); };
 
   if (!p.symmetric) {
     auto tile_grads = [&](TileWorker<T>& w, int64_t I, int64_t J) {
-      const at::Tensor weights = row_weights(w, I, J);
-      dx_of(I).addmm_(weights, p.candidates(J));
+      const auto [as_rows, as_columns] = tile_weights(w, I, J, dy.defined());
+      dx_of(I).addmm_(as_rows, p.candidates(J));
       if (dy.defined()) {
-        dy.narrow(0, J * kBlock, Problem<T>::block_size(J, p.cols())).addmm_(weights.t(), p.anchors(I));
+        dy.narrow(0, J * kBlock, Problem<T>::block_size(J, p.cols())).addmm_(as_columns.t(), p.anchors(I));
       }
     };
     if (dy.defined()) {
@@ -276,38 +354,44 @@ std::tuple<at::Tensor, at::Tensor> backward(const Problem<T>& p, const at::Tenso
     } else {
       run_row_blocks(p, tile_grads);
     }
-  } else {
-    // dX = (E + E^T) X: a tile F_IJ = E_IJ + E_JI^T gives dX_I += F X_J and dX_J += F^T X_I.
-    run_rounds(p, symmetric_rounds(blocks_of(p.rows())), [&](TileWorker<T>& w, int64_t I, int64_t J) {
-      if (I == J) {
-        const at::Tensor weights = row_weights(w, I, I);
-        const at::Tensor xi = p.anchors(I);
-        dx_of(I).addmm_(weights, xi).addmm_(weights.t(), xi);
-        return;
-      }
-      at::Tensor tile = w.logits(I, J);
-      const auto& row_masked = w.row_masked(tile);
-      const auto& column_masked = w.column_masked(tile);
-      const int64_t r0 = w.row0(), c0 = w.col0(), nc = tile.size(1);
-      T* t = tile.data_ptr<T>();
-      passes.pair_weights(t, tile.size(0), nc, nc, &shift[r0], &coef[r0], &shift[c0], &coef[c0]);
-      // Masked entries: recompute each view's weight from the saved logit, 0 where that view masks it.
-      auto repair = [&](const MaskedEntry<T>& e) {
-        const int64_t r = r0 + e.row, c = c0 + e.col;
-        const T as_row = is_excluded(c, p.excluded[2 * r], p.excluded[2 * r + 1])
-                             ? T(0)
-                             : negative_weight(e.logit, shift[r], coef[r]);
-        const T as_col = is_excluded(r, p.excluded[2 * c], p.excluded[2 * c + 1])
-                             ? T(0)
-                             : negative_weight(e.logit, shift[c], coef[c]);
-        t[e.row * nc + e.col] = as_row + as_col;
-      };
-      std::for_each(row_masked.begin(), row_masked.end(), repair);
-      std::for_each(column_masked.begin(), column_masked.end(), repair);
-      dx_of(I).addmm_(tile, p.anchors(J));
-      dx_of(J).addmm_(tile.t(), p.anchors(I));
-    });
+    return {dx, dy};
   }
+  // dX = (E + E^T) X. A tile (I, J > I) of logits serves four products: dX_I += F X_J with
+  // F = E_IJ (row view, anchors I) + E_JI^T (column view, anchors J), and dX_J += G^T X_I
+  // with G = E_IJ (column view) + E_JI^T (row view); unrounded, F = G.
+  run_rounds(p, symmetric_rounds(blocks_of(p.rows())), [&](TileWorker<T>& w, int64_t I, int64_t J) {
+    if (I == J) {
+      const auto [as_rows, as_columns] = tile_weights(w, I, I, /*need_column=*/true);
+      const at::Tensor xi = p.anchors(I);
+      dx_of(I).addmm_(as_rows, xi).addmm_(as_columns.t(), xi);
+      return;
+    }
+    at::Tensor tile = w.logits(I, J);
+    const auto& row_masked = w.row_masked(tile);
+    const auto& column_masked = w.column_masked(tile);
+    const int64_t r0 = w.row0(), c0 = w.col0(), nr = tile.size(0), nc = tile.size(1);
+    at::Tensor f = rounded ? w.second_tile(nr, nc) : tile;
+    at::Tensor g = tile;
+    // Masked entries: each view's weight from the saved logit, 0 where that view masks it.
+    auto repair = [&](const at::Tensor& out, const WeightView<T>& rows_view, const WeightView<T>& cols_view) {
+      T* o = out.data_ptr<T>();
+      for (const auto* entries : {&row_masked, &column_masked}) {
+        for (const MaskedEntry<T>& e : *entries) {
+          const int64_t r = r0 + e.row, c = c0 + e.col;
+          o[e.row * nc + e.col] = view_weight(p, rows_view, r, c, e.logit) + view_weight(p, cols_view, c, r, e.logit);
+        }
+      }
+    };
+    const T* t = tile.const_data_ptr<T>();
+    passes.pair_weights(t, f.data_ptr<T>(), nr, nc, nc, row_view.at(r0), column_view.at(c0), p.rounding);
+    repair(f, row_view, column_view);
+    if (rounded) {  // g last: it overwrites the logits
+      passes.pair_weights(t, g.data_ptr<T>(), nr, nc, nc, column_view.at(r0), row_view.at(c0), p.rounding);
+      repair(g, column_view, row_view);
+    }
+    dx_of(I).addmm_(f, p.anchors(J));
+    dx_of(J).addmm_(g.t(), p.anchors(I));
+  });
   return {dx, dy};
 }
 
@@ -322,6 +406,9 @@ Problem<T> make_problem(const at::Tensor& x, const std::optional<at::Tensor>& y,
   p.y = p.symmetric ? p.x : y->detach().to(acc).contiguous();
   p.excluded = excluded.const_data_ptr<int32_t>();
   p.inv_tau = T(1) / tau.to(acc).item<T>();
+  p.rounding = x.scalar_type() == at::kHalf       ? Rounding::kHalf
+               : x.scalar_type() == at::kBFloat16 ? Rounding::kBFloat16
+                                                  : Rounding::kNone;
   return p;
 }
 

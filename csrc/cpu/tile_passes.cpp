@@ -4,8 +4,11 @@
 #include "tile_passes.h"
 
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <tuple>
+#include <type_traits>
 
 #include "../lse_math.h"
 
@@ -106,46 +109,95 @@ void fold_columns(const T* tile, int64_t rows, int64_t cols, int64_t ld, T* col_
   }
 }
 
-template <typename T>
-void row_weights(T* tile, int64_t rows, int64_t cols, int64_t ld, const T* row_shift, const T* row_coef) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  for (int64_t i = 0; i < rows; ++i) {
-    T* row = tile + i * ld;
-    const Vec shift(row_shift[i]);
-    const Vec coef(row_coef[i]);
-    for (int64_t j = 0; j < cols; j += W) {
-      const int64_t width = std::min<int64_t>(W, cols - j);
-      const Vec weight = coef * (Vec::loadu(row + j, width) - shift).exp();
-      weight.store(row + j, width);
+// v rounded to the operand type of `R` and back (lse_math.h's weight_operand, vectorized:
+// at::vec's conversions round to nearest even, as c10::Half / c10::BFloat16 do).
+template <Rounding R, typename T>
+Vectorized<T> round_operand(const Vectorized<T>& v) {
+  if constexpr (R == Rounding::kNone) {
+    return v;
+  } else {
+    static_assert(std::is_same_v<T, float>, "only float32 accumulators hold fp16/bf16 operands");
+    if constexpr (R == Rounding::kHalf) {
+      return std::get<0>(at::vec::convert_half_float(at::vec::convert_float_half(v, v)));
+    } else {
+      return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
     }
   }
 }
 
-template <typename T>
-void pair_weights(T* tile, int64_t rows, int64_t cols, int64_t ld, const T* row_shift, const T* row_coef,
-                  const T* col_shift, const T* col_coef) {
+// The weights of logits t of one anchor (scalars broadcast) or of one anchor per lane.
+template <Rounding R, typename T>
+Vectorized<T> view_weights(const Vectorized<T>& t, const Vectorized<T>& shift, const Vectorized<T>& factor,
+                           const Vectorized<T>& after) {
+  return after * round_operand<R>(factor * (t - shift).exp());
+}
+
+template <Rounding R, typename T>
+void weights_of(const T* tile, T* out, int64_t rows, int64_t cols, int64_t ld, WeightView<T> view) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   for (int64_t i = 0; i < rows; ++i) {
-    T* row = tile + i * ld;
-    const Vec shift(row_shift[i]);
-    const Vec coef(row_coef[i]);
+    const Vec shift(view.shift[i]), factor(view.factor[i]), after(view.after[i]);
     for (int64_t j = 0; j < cols; j += W) {
       const int64_t width = std::min<int64_t>(W, cols - j);
-      const Vec logit = Vec::loadu(row + j, width);
-      const Vec as_row = coef * (logit - shift).exp();
-      const Vec as_col = Vec::loadu(col_coef + j, width) * (logit - Vec::loadu(col_shift + j, width)).exp();
-      (as_row + as_col).store(row + j, width);
+      view_weights<R>(Vec::loadu(tile + i * ld + j, width), shift, factor, after).store(out + i * ld + j, width);
     }
   }
+}
+
+template <Rounding R, typename T>
+void pair_weights_of(const T* tile, T* out, int64_t rows, int64_t cols, int64_t ld, WeightView<T> rv,
+                     WeightView<T> cv) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t i = 0; i < rows; ++i) {
+    const Vec shift(rv.shift[i]), factor(rv.factor[i]), after(rv.after[i]);
+    for (int64_t j = 0; j < cols; j += W) {
+      const int64_t width = std::min<int64_t>(W, cols - j);
+      const Vec t = Vec::loadu(tile + i * ld + j, width);
+      const Vec as_row = view_weights<R>(t, shift, factor, after);
+      const Vec as_col = view_weights<R>(t, Vec::loadu(cv.shift + j, width), Vec::loadu(cv.factor + j, width),
+                                         Vec::loadu(cv.after + j, width));
+      (as_row + as_col).store(out + i * ld + j, width);
+    }
+  }
+}
+
+// Runs fn.template operator()<R>() for the rounding of the call (float tiles only round).
+template <typename T, typename Fn>
+void with_rounding(Rounding rounding, const Fn& fn) {
+  if constexpr (std::is_same_v<T, float>) {
+    switch (rounding) {
+      case Rounding::kHalf:
+        return fn(std::integral_constant<Rounding, Rounding::kHalf>{});
+      case Rounding::kBFloat16:
+        return fn(std::integral_constant<Rounding, Rounding::kBFloat16>{});
+      case Rounding::kNone:
+        break;
+    }
+  }
+  TORCH_CHECK(rounding == Rounding::kNone, "macl_kernels: fp16/bf16 rounding needs float32 tiles");
+  fn(std::integral_constant<Rounding, Rounding::kNone>{});
+}
+
+template <typename T>
+void weights(const T* tile, T* out, int64_t rows, int64_t cols, int64_t ld, WeightView<T> view, Rounding rounding) {
+  with_rounding<T>(rounding, [&](auto r) { weights_of<decltype(r)::value>(tile, out, rows, cols, ld, view); });
+}
+
+template <typename T>
+void pair_weights(const T* tile, T* out, int64_t rows, int64_t cols, int64_t ld, WeightView<T> rows_view,
+                  WeightView<T> cols_view, Rounding rounding) {
+  with_rounding<T>(rounding, [&](auto r) {
+    pair_weights_of<decltype(r)::value>(tile, out, rows, cols, ld, rows_view, cols_view);
+  });
 }
 
 }  // namespace
 
 template <typename T>
 TilePasses<T> tile_passes() {
-  return TilePasses<T>{&fold_rows<T>, &fold_columns<T>, &row_weights<T>, &pair_weights<T>};
+  return TilePasses<T>{&fold_rows<T>, &fold_columns<T>, &weights<T>, &pair_weights<T>};
 }
 
 template TilePasses<float> tile_passes<float>();

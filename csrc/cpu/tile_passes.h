@@ -11,18 +11,35 @@
 
 namespace macl::cpu {
 
+// How the backward's weights are rounded before their products (csrc/lse_math.h,
+// weight_operand): not at all for float32/float64 inputs, to fp16 or bf16 (round to
+// nearest even) for those inputs, as the GPU's tensor cores see them.
+enum class Rounding { kNone, kHalf, kBFloat16 };
+
+// One view of the weights (lse_math.h's OperandFactors), per anchor: the weight of a logit t
+// of anchor a is after[a] * round(factor[a] * exp(t - shift[a])).
+template <typename T>
+struct WeightView {
+  const T* shift;
+  const T* factor;
+  const T* after;
+
+  WeightView at(int64_t first) const { return {shift + first, factor + first, after + first}; }
+};
+
 template <typename T>
 struct TilePasses {
   // Fold each row's logits into the running (max, sum) of that row.
   void (*fold_rows)(const T* tile, int64_t rows, int64_t cols, int64_t ld, T* row_max, T* row_sum);
   // Fold each column's logits into the running (max, sum) of that column.
   void (*fold_columns)(const T* tile, int64_t rows, int64_t cols, int64_t ld, T* col_max, T* col_sum);
-  // In place: tile[i][j] = row_coef[i] * exp(tile[i][j] - row_shift[i]).
-  void (*row_weights)(T* tile, int64_t rows, int64_t cols, int64_t ld, const T* row_shift, const T* row_coef);
-  // In place: tile[i][j] = row_coef[i] * exp(t - row_shift[i]) + col_coef[j] * exp(t - col_shift[j]),
-  // t = tile[i][j]: the weights of a tile seen from its rows and from its columns at once.
-  void (*pair_weights)(T* tile, int64_t rows, int64_t cols, int64_t ld, const T* row_shift, const T* row_coef,
-                       const T* col_shift, const T* col_coef);
+  // out[i][j] = the weight of tile[i][j] for anchor i of `rows_view` (out may be tile).
+  void (*weights)(const T* tile, T* out, int64_t rows, int64_t cols, int64_t ld, WeightView<T> rows_view,
+                  Rounding rounding);
+  // out[i][j] = the weight of t = tile[i][j] for anchor i of `rows_view` plus its weight for
+  // anchor j of `cols_view`: a tile of logits seen from its rows and its columns at once.
+  void (*pair_weights)(const T* tile, T* out, int64_t rows, int64_t cols, int64_t ld, WeightView<T> rows_view,
+                       WeightView<T> cols_view, Rounding rounding);
 };
 
 #define MACL_DECLARE_TILE_PASSES(capability) \

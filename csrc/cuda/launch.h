@@ -4,30 +4,48 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace macl::cuda {
 
 enum class InputType { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
-// Every pointer is on the current device, row-major and contiguous. Floating-point
-// arguments other than x and y are in the accumulation type (float64 for float64
-// inputs, else float32).
+// The row length (in elements) the kernels read: dim rounded up to their feature step
+// (16 values for fp16/bf16, 16 bytes for float32/float64).
+int64_t padded_features(InputType type, int64_t dim);
+
+// x and y are "padded operands": row r starts at r * ld elements, 16-byte aligned, and
+// features [dim, ld) are zeros (ld = padded_features(type, dim)). Every pointer is on
+// the current device; floating-point arguments other than x and y are in the
+// accumulation type (float64 for float64 inputs, else float32).
 struct LseArgs {
-  const void* x;            // rows x dim anchors, input dtype
-  const void* y;            // cols x dim candidates, input dtype; equal to x when y is None
+  const void* x;            // rows x ld anchors, input dtype
+  const void* y;            // cols x ld candidates, input dtype; equal to x when y is None
   const int32_t* excluded;  // rows x 2 excluded columns per anchor, -1 for none
   const void* tau;          // one value
-  int64_t rows, cols, dim;
+  int64_t rows, cols, dim, ld;
 };
 
 // lse (rows values): the negatives' log-sum-exp of each anchor.
 cudaError_t launch_negative_lse(InputType type, const LseArgs& args, void* lse, cudaStream_t stream);
 
-// dx (rows x dim, zero-filled by the caller) += E y; then, if dy is not null,
-// dy (cols x dim, zero-filled, or dx itself when y is x) += E^T x, with
-// E[r, c] = grad_lse[r] / tau * exp(x[r].y[c] / tau - lse[r]) on negative columns.
-cudaError_t launch_negative_lse_backward(InputType type, const LseArgs& args, const void* grad_lse, const void* lse,
-                                         void* dx, void* dy, cudaStream_t stream);
+// The backward's per-anchor inputs, in the accumulation type, on the device, and its
+// scratch (backward_workspace_bytes(type, rows) bytes, 16-byte aligned).
+struct BackwardArgs {
+  const void* grad_lse;      // rows values
+  const void* lse;           // rows values
+  const void* max_abs_coef;  // one value: max_r |grad_lse[r] / tau| (lse_math.h's column view)
+  void* workspace;
+};
+
+size_t backward_workspace_bytes(InputType type, int64_t rows);
+
+// dx (rows x dim, contiguous) = E y; then, if dy is not null, dy (cols x dim) = E^T x,
+// or dx += E^T x when dy is dx (y is x), with E[r, c] = grad_lse[r] / tau *
+// exp(x[r].y[c] / tau - lse[r]) on negative columns (lse_math.h's rounding rule for
+// fp16/bf16 inputs).
+cudaError_t launch_negative_lse_backward(InputType type, const LseArgs& args, const BackwardArgs& b, void* dx,
+                                         void* dy, cudaStream_t stream);
 
 }  // namespace macl::cuda

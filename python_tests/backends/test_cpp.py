@@ -15,6 +15,7 @@ import torch
 
 import macl_kernels as mk
 from macl_kernels import _ops, backends
+from macl_kernels._fused import layout_exclusions
 from macl_kernels.backends.torch_chunked import TorchBackend
 from macl_kernels.testing import (
     LAYOUTS,
@@ -24,7 +25,9 @@ from macl_kernels.testing import (
     loss_and_grads,
     make_views,
     peak_rss_mb,
+    relative_error,
 )
+from python_tests.backends.op_checks import random_exclusions
 
 BLOCK = 256  # kBlock of csrc/cpu/negative_lse_cpu.cpp
 CPU = torch.device("cpu")
@@ -58,41 +61,40 @@ def test_rectangular_block_edges(layout):
     assert_matches_reference("cpp", z0, z1, bank if layout == "queue" else None, layout=layout, reduction="none")
 
 
-def random_exclusions(rows: int, cols: int, seed: int) -> torch.Tensor:
-    """An arbitrary excluded table: not symmetric, -1s, repeated and out-of-range columns."""
-    g = torch.Generator().manual_seed(seed)
-    table = torch.randint(-1, cols + 2, (rows, 2), generator=g)
-    table[::7, 1] = table[::7, 0]  # the same column twice
-    return table.to(torch.int32)
-
-
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("with_candidates", [False, True])
-def test_op_matches_torch_backend_on_any_exclusions(with_candidates):
+def test_op_matches_torch_backend_on_any_exclusions(with_candidates, dtype):
     # The contract of backends.base: y = None means y is x, and nothing forces the
-    # table to be symmetric; rows and columns of a symmetric tile are masked apart.
+    # table to be symmetric; rows and columns of a symmetric tile are masked apart (for
+    # fp16, in both of the rounded views of csrc/lse_math.h). The torch backend runs in
+    # float64 on the same values.
     g = torch.Generator().manual_seed(4)
     x = torch.nn.functional.normalize(torch.randn(2 * BLOCK + 45, 6, generator=g, dtype=torch.float64), dim=1)
     y = torch.nn.functional.normalize(torch.randn(BLOCK + 3, 6, generator=g, dtype=torch.float64), dim=1)
+    x, y = x.to(dtype).double(), y.to(dtype).double()
     y = y if with_candidates else None
     cols = x.shape[0] if y is None else y.shape[0]
     excluded = random_exclusions(x.shape[0], cols, seed=5)
-    tau = torch.tensor(0.2, dtype=torch.float64)
     upstream = torch.rand(x.shape[0], generator=g, dtype=torch.float64)
     results = []
-    for backend in (backends.CPP, TorchBackend()):
-        xs = x.clone().requires_grad_(True)
-        ys = None if y is None else y.clone().requires_grad_(True)
+    for backend, run_dtype in ((backends.CPP, dtype), (TorchBackend(), torch.float64)):
+        xs = x.to(run_dtype).requires_grad_(True)
+        ys = None if y is None else y.to(run_dtype).requires_grad_(True)
+        tau = torch.tensor(0.2, dtype=torch.float64 if run_dtype == torch.float64 else torch.float32)
         lse = backend.negative_lse(xs, ys, excluded, tau)
-        (lse * upstream).sum().backward()
+        (lse * upstream.to(lse.dtype)).sum().backward()
         results.append([lse.detach(), xs.grad] + ([] if ys is None else [ys.grad]))
     for name, got, expected in zip(("lse", "dx", "dy"), *results):
-        assert_rel_close(got, expected, 1e-12, name)
+        assert_rel_close(got, expected, 1e-12 if dtype == torch.float64 else 1e-3, name)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_same_bits_for_any_number_of_threads(layout):
     # The tiles of a round run in parallel but each block's contributions arrive in the
-    # schedule's order, so 1, 2 or 3 threads give identical results.
+    # schedule's order, and every gemm is BLAS's sequential one whatever the thread count
+    # (csrc/cpu/blas_threads.h: MKL plans its blocking for the global thread count
+    # otherwise), so 1, 2 or 3 threads give identical results. Odd 300-pair problems give
+    # tiles with a partial block, where MKL's plans for 1 and 2 threads differ.
     z0, z1, bank = make_views(300, 16, seed=10, bank_rows=BLOCK + 20)
     bank = bank if layout == "queue" else None
     threads = torch.get_num_threads()
@@ -105,6 +107,29 @@ def test_same_bits_for_any_number_of_threads(layout):
     finally:
         torch.set_num_threads(threads)
     assert all(bitwise_equal(runs[0], run) for run in runs[1:])
+
+
+def test_leaves_the_callers_blas_threading_as_it_was():
+    # The op makes its gemms sequential for its own duration only: afterwards a gemm in
+    # the calling thread runs as before (with MKL, 2 threads plan this 256 x 88 product,
+    # the kernel's own kind of call, differently from 1, so a setting left behind would
+    # change these bits).
+    g = torch.Generator().manual_seed(12)
+    a, b = torch.randn(256, 16, generator=g), torch.randn(88, 16, generator=g)
+
+    def product():
+        return torch.addmm(torch.empty(256, 88), a, b.T, beta=0, alpha=5.0)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        before = product()
+        z0, z1, _ = make_views(300, 16, seed=10)
+        loss_and_grads(z0, z1, None, backend="cpp")
+        after = product()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(before, after)
 
 
 VARIANT_SCRIPT = """
@@ -155,3 +180,49 @@ def test_memory_bound_at_16k_pairs():
     # N = 16384 pairs, ntxent: the dense 32768 x 32768 float32 matrix alone is 4 GiB.
     # The whole process, interpreter and torch included, stays under 1 GB.
     assert peak_rss_mb(16384, 64, "cpp") < 1000
+
+
+def clustered_rows(n: int, d: int, spread: float, generator: torch.Generator) -> torch.Tensor:
+    """n unit rows near one common direction: near-uniform probabilities, a large mean."""
+    center = torch.randn(d, generator=generator, dtype=torch.float64)
+    return torch.nn.functional.normalize(center + spread * torch.randn(n, d, generator=generator, dtype=torch.float64))
+
+
+def test_fp16_weights_do_not_underflow_at_32k():
+    # Issue 11: a backward weight E = coef * p, with coef = dL/dlse / tau = 1 / (N tau) for a
+    # mean over N = 32768 anchors at tau = 0.1 (3e-4) and p ~ 1 / N (3e-5), is ~1e-8: below
+    # half of fp16's smallest subnormal (6e-8), so rounding E to fp16 for a half-precision
+    # product (the old CUDA rule, emulated below) makes nearly every weight 0. The kernels
+    # round p (<= 1) times a factor <= 1 instead and apply the rest of coef in float32
+    # (csrc/lse_math.h); the CPU kernel rounds the same way, so this guards the rule.
+    # Candidates near one direction keep the gradient itself in fp16's normal range.
+    n, d, sample = 32768, 8, 256
+    g = torch.Generator().manual_seed(13)
+    common = clustered_rows(2 * n, d, 0.3, g)
+    x, y = common[:n].half(), common[n:].half()
+    excluded = layout_exclusions("cross", n, CPU)
+    tau = torch.tensor(0.1)
+    grad_lse = torch.full((n,), 1.0 / n)
+    lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
+    dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, True)
+
+    # float64 oracle on a sample of anchors (dx rows) and candidates (dy rows).
+    x64, y64, coef = x.double(), y.double(), grad_lse.double() / 0.1
+    rows = torch.randperm(n, generator=g)[:sample]
+    logits = (x64[rows] @ y64.T) / 0.1
+    logits[torch.arange(sample), rows] = float("-inf")  # cross: the positive is not a negative
+    p_rows = torch.softmax(logits, dim=1)
+    assert_rel_close(lse[rows], torch.logsumexp(logits, dim=1), 1e-6, "lse")
+    expected_dx = coef[rows, None] * (p_rows @ y64)
+    assert_rel_close(dx[rows], expected_dx, 1e-2, "dx")
+    cols = torch.randperm(n, generator=g)[:sample]
+    logits_t = (x64 @ y64[cols].T) / 0.1 - lse.double()[:, None]
+    logits_t[cols, torch.arange(sample)] = float("-inf")
+    p_cols = logits_t.exp()  # p[r, c] for every anchor r and the sampled candidates c
+    expected_dy = (coef[:, None] * p_cols).T @ x64
+    assert_rel_close(dy[cols], expected_dy, 1e-2, "dy")
+
+    # The old rule on the same values: the negatives' gradient is gone.
+    old_dx = (coef[rows, None] * p_rows).half().double() @ y64
+    old_dy = (coef[:, None] * p_cols).half().double().T @ x64
+    assert relative_error(old_dx, expected_dx) > 0.5 and relative_error(old_dy, expected_dy) > 0.5

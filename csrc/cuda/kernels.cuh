@@ -1,0 +1,362 @@
+// The kernels of negative_lse_kernels.cu (device code only; see that file for what each
+// computes and how its inner loop is built). Host code launches them through
+// launch_plan.cuh.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../lse_math.h"
+#include "mma_tile.cuh"
+#include "ptx.cuh"
+#include "simt_tile.cuh"
+#include "tile_stream.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "macl_kernels' CUDA kernels need compute capability >= 8.0 (bf16 tensor cores): set TORCH_CUDA_ARCH_LIST"
+#endif
+
+namespace macl::cuda {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr int kMaxThreads = 128;  // per CTA, every tile (a bound the register allocation respects)
+constexpr double kLn2 = 0.6931471805599453;
+
+// Per input type: the tile, the accumulation type, and the type whose rounding the
+// products see (lse_math.h's weight_operand).
+template <typename In>
+struct Config;
+template <>
+struct Config<__half> {
+  using Tile = MmaTile<__half>;
+  using Acc = float;
+  using Operand = c10::Half;
+};
+template <>
+struct Config<__nv_bfloat16> {
+  using Tile = MmaTile<__nv_bfloat16>;
+  using Acc = float;
+  using Operand = c10::BFloat16;
+};
+template <>
+struct Config<float> {
+  using Tile = SimtTile<float, 64, 32, 64>;
+  using Acc = float;
+  using Operand = float;
+};
+template <>
+struct Config<double> {
+  using Tile = SimtTile<double, 64, 16, 32>;
+  using Acc = double;
+  using Operand = double;
+};
+
+__device__ inline float exp2_of(float x) { return ptx::exp2_approx(x); }
+__device__ inline double exp2_of(double x) { return exp2(x); }
+
+// What the column pass needs of each streamed anchor, precomputed once: its lse (as the
+// base-2 shift of its logits), its column-view factor (lse_math.h) and its exclusions.
+template <typename Acc>
+struct alignas(16) ColumnParams {
+  Acc shift2;  // weight_shift(lse) * log2(e)
+  Acc factor;  // column_view_factors(grad_lse / tau, scale).factor
+  int32_t excluded[2];
+};
+
+template <typename In, typename Acc>
+struct Params {
+  const In* x;
+  const In* y;  // x when the candidates are the anchors
+  const int32_t* excluded;
+  const Acc* tau;
+  const Acc* grad_lse;      // backward
+  const Acc* lse;           // backward
+  const Acc* max_abs_coef;  // backward
+  const ColumnParams<Acc>* column_params;  // column pass
+  Acc* out;                 // lse, dx, or dy (dx when accumulate)
+  bool accumulate;          // column pass into dx: out += instead of out =
+  int64_t rows, cols, dim, ld;
+};
+
+// Max and sum over the lanes that share a row (a quad for MmaTile, none for SimtTile).
+template <typename Tile, typename Acc>
+__device__ inline Acc row_max(Acc v) {
+#pragma unroll
+  for (int offset = 1; offset < Tile::kRowLanes; offset *= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+template <typename Tile, typename Acc>
+__device__ inline Acc row_sum(Acc v) {
+#pragma unroll
+  for (int offset = 1; offset < Tile::kRowLanes; offset *= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// The owned rows' exclusions (anchors: forward and row pass), -1 past the last row.
+template <typename Tile>
+struct RowExclusions {
+  int32_t e[Tile::kRows][2];
+
+  __device__ RowExclusions(const int32_t* excluded, int64_t row0, int64_t rows) {
+#pragma unroll
+    for (int i = 0; i < Tile::kRows; ++i) {
+      const int64_t row = row0 + Tile::row(i);
+      e[i][0] = row < rows ? excluded[2 * row] : -1;
+      e[i][1] = row < rows ? excluded[2 * row + 1] : -1;
+    }
+  }
+};
+
+// What masks a streamed tile's entries for the owned rows' view: the tile's columns past
+// the last candidate, and each row's excluded columns that fall in the tile (as tile
+// columns, -1 if none). `any` is uniform over the warp.
+template <typename Tile>
+struct TileMask {
+  int valid;  // columns [0, valid) of the tile are candidates
+  int e[Tile::kRows][2];
+  bool any;
+
+  __device__ TileMask(const RowExclusions<Tile>& rows, int col0, int cols) {
+    valid = min(cols - col0, Tile::kStreamed);
+    bool hit = false;
+#pragma unroll
+    for (int i = 0; i < Tile::kRows; ++i) {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int local = rows.e[i][k] - col0;  // -1 (none) stays outside the tile
+        e[i][k] = static_cast<unsigned>(local) < static_cast<unsigned>(Tile::kStreamed) ? local : -1;
+        hit |= e[i][k] >= 0;
+      }
+    }
+    any = __any_sync(0xffffffffu, hit) || valid < Tile::kStreamed;
+  }
+
+  __device__ bool masked(int i, int j) const {
+    const int c = Tile::col(j);
+    return c >= valid || is_excluded(c, e[i][0], e[i][1]);
+  }
+};
+
+// ---- forward ----
+
+template <typename In>
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    negative_lse_forward(Params<In, typename Config<In>::Acc> p, Geometry<typename Config<In>::Tile, In> geo) {
+  using Tile = typename Config<In>::Tile;
+  using Acc = typename Config<In>::Acc;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Tile::kOwned;
+  const Acc scale2 = Acc(kLog2e) / *p.tau;  // logit * log2(e) = score * scale2
+  const RowExclusions<Tile> exclusions(p.excluded, row0, p.rows);
+  Acc max2[Tile::kRows], sum[Tile::kRows];  // per row: running max (base 2) and this thread's part of the sum
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
+    max2[i] = negative_infinity<Acc>();
+    sum[i] = Acc(0);
+  }
+  Tile tile(smem + geo.owned_bytes() + geo.streamed_bytes());
+  const Sides<In> sides{p.x, static_cast<int>(p.rows), static_cast<int>(row0), p.y, static_cast<int>(p.cols),
+                        nullptr};
+
+  for_each_tile<0>(geo, sides, geo.chunks() - 1, tile, smem, [&](int t, const In*, const void*) {
+    const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
+    Acc scale = scale2;  // what turns the tile's values into base-2 logits
+    if (rare(mask.any || !(scale2 > Acc(0)))) {
+      // Masked entries (the tile holds an excluded or a missing column), or a scale <= 0
+      // (then the max logit is not the max score times the scale).
+#pragma unroll
+      for (int i = 0; i < Tile::kRows; ++i) {
+#pragma unroll
+        for (int j = 0; j < Tile::kCols; ++j) {
+          tile.at(i, j) = mask.masked(i, j) ? negative_infinity<Acc>() : tile.at(i, j) * scale2;
+        }
+      }
+      scale = Acc(1);
+    }
+#pragma unroll
+    for (int i = 0; i < Tile::kRows; ++i) {
+      Acc top = tile.at(i, 0);
+#pragma unroll
+      for (int j = 1; j < Tile::kCols; ++j) top = max(top, tile.at(i, j));
+      const Acc next = max(max2[i], row_max<Tile>(top) * scale);
+      const Acc shift = next == negative_infinity<Acc>() ? Acc(0) : next;  // no negative seen yet
+      Acc part = Acc(0);
+#pragma unroll
+      for (int j = 0; j < Tile::kCols; ++j) part += exp2_of(fma(tile.at(i, j), scale, -shift));
+      sum[i] = fma(sum[i], exp2_of(max2[i] - shift), part);
+      max2[i] = next;
+    }
+  });
+
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
+    const Acc total = row_sum<Tile>(sum[i]);
+    const int64_t row = row0 + Tile::row(i);
+    if (threadIdx.x % Tile::kRowLanes == 0 && row < p.rows) {
+      p.out[row] = lse_value(max2[i] * Acc(kLn2), total);
+    }
+  }
+}
+
+// ---- backward ----
+
+// The setup of the column pass: one record per anchor (one thread each).
+template <typename Acc>
+__global__ void negative_lse_column_params(const int32_t* excluded, const Acc* tau, const Acc* grad_lse,
+                                           const Acc* lse, const Acc* max_abs_coef, int64_t rows,
+                                           ColumnParams<Acc>* out) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) {
+    return;
+  }
+  const Acc coef = grad_lse[r] * (Acc(1) / *tau);  // dL/dlse / tau
+  ColumnParams<Acc> record;
+  record.shift2 = weight_shift(lse[r]) * Acc(kLog2e);
+  record.factor = column_view_factors(coef, column_view_scale(*max_abs_coef)).factor;
+  record.excluded[0] = excluded[2 * r];
+  record.excluded[1] = excluded[2 * r + 1];
+  out[r] = record;
+}
+
+// Sets the tile's operands from its scores (lse_math.h: p * factor rounded to the input
+// type), p = exp2(score * scale2 - shift2(i, j)), for every entry; masked entries are
+// cleared afterwards.
+template <typename Operand, typename Tile, typename Acc, typename Shift2, typename Factor>
+__device__ inline void set_weights(Tile& tile, Acc scale2, const Shift2& shift2, const Factor& factor) {
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < Tile::kCols; j += 2) {
+      const Acc p0 = exp2_of(fma(tile.at(i, j), scale2, -shift2(i, j)));
+      const Acc p1 = exp2_of(fma(tile.at(i, j + 1), scale2, -shift2(i, j + 1)));
+      tile.template set_operands<Operand>(i, j, p0, factor(i, j), p1, factor(i, j + 1));
+    }
+  }
+}
+
+// Zeroes the operands of the entries masked(i, j) holds (the rare tiles with some).
+template <typename Tile, typename Masked>
+__device__ inline void clear_masked(Tile& tile, const Masked& masked) {
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < Tile::kCols; ++j) {
+      if (masked(i, j)) {
+        tile.clear_operand(i, j);
+      }
+    }
+  }
+}
+
+// The row pass (kColumns = false: owns anchors, streams candidates, out = dx = E y) and
+// the column pass (owns candidates, streams anchors, out = dy = E^T x or dx += E^T x),
+// for gradient features [d0, d0 + kChunk) with d0 = blockIdx.y * kChunk.
+template <typename In, bool kColumns>
+__device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
+                              const Geometry<typename Config<In>::Tile, In>& geo) {
+  using Tile = typename Config<In>::Tile;
+  using Acc = typename Config<In>::Acc;
+  using Operand = typename Config<In>::Operand;
+  constexpr int kChunk = Geometry<Tile, In>::kChunk;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t owned0 = static_cast<int64_t>(blockIdx.x) * Tile::kOwned;
+  const int output_chunk = static_cast<int>(blockIdx.y);
+  const int64_t d0 = static_cast<int64_t>(output_chunk) * kChunk;
+  const Acc scale2 = Acc(kLog2e) / *p.tau;
+  Tile tile(smem + geo.owned_bytes() + geo.streamed_bytes() + geo.all_params_bytes());
+  typename Tile::Product product;
+  product.zero();
+  Acc after[Tile::kRows];  // the view's factor applied to each output row
+
+  if constexpr (!kColumns) {
+    const RowExclusions<Tile> exclusions(p.excluded, owned0, p.rows);
+    Acc shift2[Tile::kRows], factor[Tile::kRows];
+#pragma unroll
+    for (int i = 0; i < Tile::kRows; ++i) {
+      const int64_t row = owned0 + Tile::row(i);
+      const bool inside = row < p.rows;
+      const OperandFactors<Acc> f = row_view_factors(inside ? p.grad_lse[row] * (Acc(1) / *p.tau) : Acc(0));
+      factor[i] = f.factor;
+      after[i] = f.after;
+      shift2[i] = inside ? weight_shift(p.lse[row]) * Acc(kLog2e) : static_cast<Acc>(INFINITY);
+    }
+    const Sides<In> sides{p.x, static_cast<int>(p.rows), static_cast<int>(owned0), p.y, static_cast<int>(p.cols),
+                          nullptr};
+    for_each_tile<0>(geo, sides, output_chunk, tile, smem, [&](int t, const In* rows, const void*) {
+      set_weights<Operand>(
+          tile, scale2, [&](int i, int) { return shift2[i]; }, [&](int i, int) { return factor[i]; });
+      const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
+      if (rare(mask.any)) {  // a tile with an excluded or a missing column
+        clear_masked(tile, [&](int i, int j) { return mask.masked(i, j); });
+      }
+      product.add(tile, rows, geo.stride());
+    });
+  } else {
+    const Acc scale = column_view_scale(*p.max_abs_coef);  // the column view's `after`
+#pragma unroll
+    for (int i = 0; i < Tile::kRows; ++i) after[i] = scale;
+    const Sides<In> sides{p.y, static_cast<int>(p.cols), static_cast<int>(owned0), p.x, static_cast<int>(p.rows),
+                          p.column_params};
+    const int first = static_cast<int>(owned0);
+    constexpr int kRecordBytes = sizeof(ColumnParams<Acc>);
+    for_each_tile<kRecordBytes>(geo, sides, output_chunk, tile, smem, [&](int, const In* rows, const void* records) {
+      const ColumnParams<Acc>* anchors = static_cast<const ColumnParams<Acc>*>(records);
+      set_weights<Operand>(
+          tile, scale2, [&](int, int j) { return anchors[Tile::col(j)].shift2; },
+          [&](int, int j) { return anchors[Tile::col(j)].factor; });
+      // Whether an anchor of this tile excludes one of the CTA's candidates (each warp
+      // reads every anchor's record, a few per lane).
+      bool hit = false;
+      for (int k = threadIdx.x % 32; k < Tile::kStreamed; k += 32) {
+        const int32_t* e = anchors[k].excluded;
+        hit |= static_cast<unsigned>(e[0] - first) < static_cast<unsigned>(Tile::kOwned) ||
+               static_cast<unsigned>(e[1] - first) < static_cast<unsigned>(Tile::kOwned);
+      }
+      if (rare(__any_sync(0xffffffffu, hit))) {  // an anchor of the tile excludes a candidate of the CTA
+        clear_masked(tile, [&](int i, int j) {
+          const int32_t* e = anchors[Tile::col(j)].excluded;
+          return is_excluded(owned0 + Tile::row(i), e[0], e[1]);
+        });
+      }
+      product.add(tile, rows, geo.stride());
+    });
+  }
+
+  // Each (row, feature) of the output has exactly this one writer.
+  const int64_t n_owned = kColumns ? p.cols : p.rows;
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
+    const int64_t row = owned0 + Tile::row(i);
+    if (row >= n_owned) {
+      continue;
+    }
+    Acc* out = p.out + row * p.dim + d0;
+#pragma unroll
+    for (int d = 0; d < Tile::Product::kFeatures; ++d) {
+      const int feature = Tile::Product::feature(d);
+      if (d0 + feature < p.dim) {
+        const Acc value = after[i] * product.at(i, d);
+        out[feature] = p.accumulate ? out[feature] + value : value;
+      }
+    }
+  }
+}
+
+template <typename In>
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    negative_lse_rows_grad(Params<In, typename Config<In>::Acc> p, Geometry<typename Config<In>::Tile, In> geo) {
+  backward_pass<In, false>(p, geo);
+}
+
+template <typename In>
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    negative_lse_cols_grad(Params<In, typename Config<In>::Acc> p, Geometry<typename Config<In>::Tile, In> geo) {
+  backward_pass<In, true>(p, geo);
+}
+
+}  // namespace
+}  // namespace macl::cuda

@@ -1,0 +1,217 @@
+// How a CTA walks the streamed side: shared-memory layout, cp.async loads and the
+// double-buffered main loop every kernel of negative_lse_kernels.cu shares.
+//
+// A CTA owns Tile::kOwned rows (anchors, or candidates in the column pass) and streams
+// the other side's rows Tile::kStreamed at a time. Rows are copied 16 bytes per cp.async
+// into shared memory rows padded by 16 bytes (ldmatrix and 16-byte reads are then free of
+// bank conflicts). Two layouts, chosen on the host by what fits the device:
+//  - resident: the owned rows stay in shared memory with all their features for the
+//    whole kernel; each step streams one tile's full rows;
+//  - chunked (wide embeddings): a step streams kChunk features of one tile together with
+//    the same features of the owned rows; a tile takes ceil(ld / kChunk) steps.
+// Steps are double-buffered: while a step computes from one stage, the next step's
+// copies land in the other, with one __syncthreads() per step.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "ptx.cuh"
+
+namespace macl::cuda {
+
+// The condition of a rare path (a masked tile, the last partial tile, the chunked
+// layout). A build with -DMACL_CUDA_COMMON_PATH_ONLY, for counting the instructions of
+// the common path (tools/cuda_inner_loops.py), still computes the condition but compiles
+// the rare path out; the extension's build never defines it.
+#if defined(MACL_CUDA_COMMON_PATH_ONLY)
+__device__ inline bool rare(bool condition) {
+  asm volatile("" ::"r"(static_cast<int>(condition)));
+  return false;
+}
+#else
+__device__ inline bool rare(bool condition) { return condition; }
+#endif
+
+template <typename Tile, typename In>
+struct Geometry {
+  static constexpr int kPad = 16 / sizeof(In);   // elements of padding per shared row
+  static constexpr int kChunk = Tile::kOutput;   // features per chunked step = gradient features per CTA
+  int ld;                 // features per row (padded, a multiple of Tile::kStep and of 16 bytes)
+  bool resident;
+  int params_bytes;       // per streamed row, per stage (column pass: ColumnParams), else 0
+
+  __host__ __device__ int stage_features() const { return resident ? ld : kChunk; }
+  __host__ __device__ int stride() const { return stage_features() + kPad; }
+  __host__ __device__ int chunks() const { return resident ? 1 : (ld + kChunk - 1) / kChunk; }
+  // Gradient features are written in chunks of kChunk, one chunk per CTA (grid.y).
+  __host__ __device__ int output_chunks() const { return (ld + kChunk - 1) / kChunk; }
+  __host__ __device__ size_t owned_bytes() const {
+    return static_cast<size_t>(resident ? 1 : 2) * Tile::kOwned * stride() * sizeof(In);
+  }
+  __host__ __device__ size_t streamed_bytes() const {
+    return static_cast<size_t>(2) * Tile::kStreamed * stride() * sizeof(In);
+  }
+  __host__ __device__ size_t all_params_bytes() const {
+    return static_cast<size_t>(2) * Tile::kStreamed * params_bytes;
+  }
+  __host__ __device__ size_t shared_bytes() const {
+    return owned_bytes() + streamed_bytes() + all_params_bytes() + Tile::kScratchBytes + Tile::kSlackBytes;
+  }
+  // The resident layout needs one thread per 16-byte piece of a row, at most.
+  __host__ static bool can_be_resident(int ld) { return ld * static_cast<int>(sizeof(In)) / 16 <= Tile::kThreads; }
+};
+
+// Copies `count` rows of a row-major array of `ld`-element rows to shared memory rows of
+// `stride` elements: features [f0, f0 + width) of each, zeros past the array's last row
+// or last feature. Each thread copies one 16-byte piece of a row and moves down the rows;
+// the width and the strides are fixed per loader, so a copy costs a few instructions.
+template <typename In>
+class RowLoader {
+ public:
+  static constexpr int kPiece = 16 / sizeof(In);  // elements per copy
+
+  __device__ RowLoader(int width, int threads, int64_t ld, int stride) : ld_(ld) {
+    const int pieces = width / kPiece;
+    feature_ = threadIdx.x % pieces * kPiece;
+    row_step_ = threads / pieces;
+    const bool idle = threadIdx.x >= row_step_ * pieces;  // (threads not a multiple of pieces)
+    const int row = idle ? 0 : threadIdx.x / pieces;
+    first_row_ = idle ? 1 << 30 : row;  // an idle thread copies no row
+    from_offset_ = row * ld + feature_;
+    to_offset_ = static_cast<uint32_t>((row * stride + feature_) * sizeof(In));
+    from_step_ = row_step_ * ld;
+    to_step_ = static_cast<uint32_t>(row_step_ * stride * sizeof(In));
+  }
+
+  // Rows [row0, row0 + count) of `src` (n > row0 rows), features from f0, to the shared
+  // rows starting at address dst.
+  __device__ void load(uint32_t dst, const In* src, int n, int row0, int count, int f0) const {
+    // Rows that exist and whose piece holds features are copied, the rest zero-filled.
+    const int valid = f0 + feature_ < ld_ ? min(n - row0, count) : 0;
+    const In* from = src + static_cast<int64_t>(row0) * ld_ + f0 + from_offset_;
+    uint32_t to = dst + to_offset_;
+    int r = first_row_;
+    for (; r < valid; r += row_step_, from += from_step_, to += to_step_) {
+      ptx::cp_async_16(to, from, 16);
+    }
+    for (; rare(r < count); r += row_step_, to += to_step_) {  // rows past the array's end
+      ptx::cp_async_16(to, src, 0);
+    }
+  }
+
+ private:
+  int64_t ld_, from_offset_, from_step_;
+  uint32_t to_offset_, to_step_;
+  int feature_, first_row_, row_step_;
+};
+
+// Copies the kCount records of kBytes (a multiple of 16) each that start at record row0 of
+// an array of n > row0 records, zeros past its end, to shared memory at dst.
+template <int kCount, int kBytes>
+__device__ inline void load_records(uint32_t dst, const void* src, int n, int row0, int threads) {
+  constexpr int kPieces = kBytes / 16;
+  const int valid = min(n - row0, kCount) * kPieces;
+  const char* from = static_cast<const char*>(src) + static_cast<int64_t>(row0) * kBytes;
+  for (int k = threadIdx.x; k < kCount * kPieces; k += threads) {
+    ptx::cp_async_16(dst + 16 * k, k < valid ? from + 16 * k : from, k < valid ? 16 : 0);
+  }
+}
+
+// The two sides of a kernel: owned rows [owned0, owned0 + kOwned) of `owned` (n_owned
+// rows), streamed tiles of `streamed` (n_streamed rows), both padded operands with row
+// length ld; and per-streamed-row records (params, geo.params_bytes each), or null.
+// Row counts are below 2^31 (op_host.h checks).
+template <typename In>
+struct Sides {
+  const In* owned;
+  int n_owned, owned0;
+  const In* streamed;
+  int n_streamed;
+  const void* params;
+};
+
+// The loop of for_each_tile for one layout (kResident: one step per tile).
+template <bool kResident, int kRecordBytes, typename Tile, typename In, typename OnTile>
+__device__ void stream_tiles(const Geometry<Tile, In>& geo, const Sides<In>& sides, int output_chunk, Tile& tile,
+                             unsigned char* smem, OnTile& on_tile) {
+  constexpr int kOwned = Tile::kOwned, kStreamed = Tile::kStreamed, kChunk = Geometry<Tile, In>::kChunk;
+  const int stride = geo.stride(), chunks = kResident ? 1 : geo.chunks();
+  // Shared memory: the owned rows (one stage when resident), two stages of streamed rows
+  // and two of records, as pointers and as shared addresses for the copies.
+  const In* owned_rows = reinterpret_cast<const In*>(smem);
+  const In* streamed_rows = reinterpret_cast<const In*>(smem + geo.owned_bytes());
+  const unsigned char* records = smem + geo.owned_bytes() + geo.streamed_bytes();
+  const uint32_t owned_area = ptx::shared_address(smem);
+  const uint32_t streamed_area = owned_area + static_cast<uint32_t>(geo.owned_bytes());
+  const uint32_t records_area = streamed_area + static_cast<uint32_t>(geo.streamed_bytes());
+  const int owned_stage = kOwned * stride, streamed_stage = kStreamed * stride;  // elements
+  const int first_chunk = output_chunk + 1 < chunks ? output_chunk + 1 : 0;
+  const int tiles = (sides.n_streamed + kStreamed - 1) / kStreamed;
+  const RowLoader<In> loader(geo.stage_features(), Tile::kThreads, geo.ld, stride);
+
+  // Step (t, q): the q-th chunk of features of streamed tile t, into `stage`.
+  auto chunk_at = [&](int q) { return first_chunk + q < chunks ? first_chunk + q : first_chunk + q - chunks; };
+  auto issue = [&](int t, int q, int stage) {
+    const int f0 = kResident ? 0 : chunk_at(q) * kChunk;
+    loader.load(streamed_area + stage * streamed_stage * sizeof(In), sides.streamed, sides.n_streamed,
+                t * kStreamed, kStreamed, f0);
+    if constexpr (!kResident) {
+      loader.load(owned_area + stage * owned_stage * sizeof(In), sides.owned, sides.n_owned, sides.owned0, kOwned,
+                  f0);
+    }
+    if constexpr (kRecordBytes > 0) {
+      if (q == 0) {
+        load_records<kStreamed, kRecordBytes>(records_area + (t & 1) * kStreamed * kRecordBytes, sides.params,
+                                              sides.n_streamed, t * kStreamed, Tile::kThreads);
+      }
+    }
+  };
+
+  if constexpr (kResident) {
+    loader.load(owned_area, sides.owned, sides.n_owned, sides.owned0, kOwned, 0);
+  }
+  if (tiles > 0) {
+    issue(0, 0, 0);
+  }
+  ptx::cp_async_commit();
+  int stage = 0;
+  for (int t = 0; t < tiles; ++t) {
+    for (int q = 0; q < chunks; ++q, stage ^= 1) {
+      ptx::cp_async_wait_all();
+      __syncthreads();  // this step's rows are in; every thread is done with the other stage
+      const bool last_chunk = q + 1 == chunks;
+      if (!last_chunk || t + 1 < tiles) {
+        issue(last_chunk ? t + 1 : t, last_chunk ? 0 : q + 1, stage ^ 1);
+      }
+      ptx::cp_async_commit();
+      const int f0 = kResident ? 0 : chunk_at(q) * kChunk;
+      const In* streamed = streamed_rows + stage * streamed_stage;
+      tile.add_scores(kResident ? owned_rows : owned_rows + stage * owned_stage, stride, streamed, stride,
+                      min(geo.stage_features(), geo.ld - f0), /*accumulate=*/q > 0);
+      if (last_chunk) {
+        on_tile(t, streamed + (kResident ? output_chunk * kChunk : 0), records + (t & 1) * kStreamed * kRecordBytes);
+      }
+    }
+  }
+  ptx::cp_async_wait_all();  // (nothing is in flight here, but leave none behind)
+}
+
+// Computes the scores of the owned rows against every streamed tile, in order, into
+// `tile`, and calls on_tile(t, rows, records) once tile t's scores are complete: `rows`
+// points at that tile's streamed rows in shared memory, at feature `output_chunk` *
+// kChunk (their leading dimension is geo.stride()), `records` at its streamed rows'
+// records (kRecordBytes each; geo.params_bytes must equal it). The features of
+// output_chunk are the last ones summed, so in the chunked layout they are still in
+// shared memory for the gradient product.
+template <int kRecordBytes, typename Tile, typename In, typename OnTile>
+__device__ void for_each_tile(const Geometry<Tile, In>& geo, const Sides<In>& sides, int output_chunk, Tile& tile,
+                              unsigned char* smem, OnTile&& on_tile) {
+  if (!rare(!geo.resident)) {
+    stream_tiles<true, kRecordBytes>(geo, sides, output_chunk, tile, smem, on_tile);
+  } else {
+    stream_tiles<false, kRecordBytes>(geo, sides, output_chunk, tile, smem, on_tile);
+  }
+}
+
+}  // namespace macl::cuda

@@ -1,0 +1,118 @@
+"""Checks of the compiled op itself (macl_kernels::negative_lse and its backward), shared by
+the cpp, cuda and emulated-cuda tests: inputs for each kind of excluded table, the float64
+oracle, and the cases that reach every edge of the CUDA kernels' tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from macl_kernels._fused import layout_exclusions
+from macl_kernels.backends.torch_chunked import TorchBackend
+from macl_kernels.testing import TOLERANCE, assert_rel_close
+
+Tensors = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def random_exclusions(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """An arbitrary excluded table: not symmetric, -1s, repeated and out-of-range columns."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(-1, cols + 2, (rows, 2), generator=g)
+    table[::7, 1] = table[::7, 0]  # the same column twice
+    return table.to(torch.int32)
+
+
+def op_oracle(x, y, excluded, tau, grad_lse) -> Tensors:
+    """(lse, dx, dy) of the op for an upstream grad_lse: the torch backend in float64 (dy None without y)."""
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = None if y is None else y.detach().double().requires_grad_(True)
+    lse = TorchBackend().negative_lse(x64, y64, excluded, tau.double())
+    (lse * grad_lse.double()).sum().backward()
+    return lse.detach(), x64.grad, None if y64 is None else y64.grad
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """n pairs (ntxent: 2n anchors, the candidates are the anchors; cross: n anchors, n + 13
+    candidates; queue: n anchors, a bank of `bank` rows; random: n anchors against n + 13
+    candidates, or themselves when `symmetric`, with an arbitrary excluded table), D = d."""
+
+    dtype: torch.dtype
+    layout: str
+    n: int
+    d: int
+    bank: int = 37
+    symmetric: bool = False
+
+    def __str__(self) -> str:
+        sym = "-sym" if self.symmetric else ""
+        return f"{str(self.dtype)[6:]}-{self.layout}{sym}-n{self.n}-d{self.d}"
+
+
+def op_inputs(case: OpCase, device: str = "cpu", seed: int = 0):
+    """(x, y, excluded, tau, grad_lse) for a case: unit rows, tau 0.2, a non-uniform upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+
+    def unit_rows(rows):
+        return torch.nn.functional.normalize(torch.randn(rows, case.d, generator=g, dtype=torch.float64), dim=1)
+
+    n = case.n
+    if case.layout == "ntxent":
+        x, y, excluded = unit_rows(2 * n), None, layout_exclusions("ntxent", n, torch.device("cpu"))
+    elif case.layout == "cross":
+        x, y, excluded = unit_rows(n), unit_rows(n + 13), layout_exclusions("cross", n, torch.device("cpu"))
+    elif case.layout == "queue":
+        x, y, excluded = unit_rows(n), unit_rows(case.bank), layout_exclusions("queue", n, torch.device("cpu"))
+    else:
+        x = unit_rows(n)
+        y = None if case.symmetric else unit_rows(n + 13)
+        excluded = random_exclusions(n, n if y is None else y.shape[0], seed + 1)
+    acc = torch.float64 if case.dtype == torch.float64 else torch.float32
+    tau = torch.tensor(0.2, dtype=acc)
+    grad_lse = (0.5 + torch.rand(x.shape[0], generator=g, dtype=torch.float64)) / x.shape[0]
+
+    def put(t):
+        return None if t is None else t.to(device)
+
+    cast = lambda t: None if t is None else t.to(device, case.dtype)  # noqa: E731
+    return cast(x), cast(y), put(excluded), put(tau), grad_lse.to(device, acc)
+
+
+# Every kind of excluded table and dtype, at sizes that leave partial CTAs and partial
+# streamed tiles (the fp16/bf16 kernels own 64 rows and stream 64; fp32 64 and 32; fp64
+# 64 and 16), several CTAs and tiles, dims that need padding (19, 40), several gradient
+# chunks (130: 2 chunks of 128 features for fp16/bf16, 3 of 64 for fp32, 5 of 32 for fp64)
+# and dims whose rows fit shared memory only chunk by chunk on a GPU (600: 227 KiB hold
+# 576 fp16/bf16 features in the resident layout, far fewer float32/float64 ones).
+OP_CASES = [
+    OpCase(dtype, layout, n, d)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for layout, n, d in (("ntxent", 45, 19), ("cross", 70, 40), ("queue", 33, 24), ("random", 67, 40))
+] + [
+    OpCase(torch.float16, "random", 40, 19, symmetric=True),
+    OpCase(torch.float32, "random", 40, 19, symmetric=True),
+    OpCase(torch.float16, "ntxent", 40, 130),
+    OpCase(torch.float32, "cross", 40, 130),
+    OpCase(torch.float64, "cross", 40, 130),
+    OpCase(torch.bfloat16, "ntxent", 20, 600),
+    OpCase(torch.float32, "cross", 20, 600),
+    OpCase(torch.float64, "ntxent", 10, 600),
+    OpCase(torch.float16, "queue", 3, 8, bank=1),
+]
+
+Op = Callable[..., Tensors]  # (x, y, excluded, tau, grad_lse, need_dy) -> (lse, dx, dy)
+
+
+def assert_op_matches_float64(run: Op, case: OpCase, device: str = "cpu", tol: Optional[float] = None) -> None:
+    """lse, dx and dy of `run` on the case's inputs against the float64 oracle, at MATH.md's tolerance."""
+    x, y, excluded, tau, grad_lse = op_inputs(case, device)
+    lse, dx, dy = run(x, y, excluded, tau, grad_lse, y is not None)
+    expected = op_oracle(x, y, excluded, tau, grad_lse)
+    tol = TOLERANCE[case.dtype] if tol is None else tol
+    assert dx.dtype == case.dtype and (y is None or dy.dtype == case.dtype), "gradients in the input dtype"
+    for name, got, want in zip(("lse", "dx", "dy"), (lse, dx, dy), expected):
+        if want is not None:
+            assert_rel_close(got, want, 1e-5 if name == "lse" else tol, f"{case} {name}")

@@ -1,0 +1,89 @@
+"""The CUDA backend's kernels, run on the CPU by the emulator of cuda_emulation/ (no GPU needed).
+
+The kernels' own source is compiled as host C++, with the warp instructions (ldmatrix,
+mma.m16n8k16) implemented from the PTX ISA, cp.async copies that land as late as allowed
+(or at once), shared memory and outputs poisoned with NaN. What this cannot see: timing,
+bank conflicts, the compiler's register allocation, and a wrong reading of the ISA that
+the emulator shares with the kernels (test_cuda.py checks the same cases on a GPU).
+"""
+
+import pytest
+import torch
+
+from macl_kernels.testing import assert_rel_close
+from python_tests.backends import cuda_emulation
+from python_tests.backends.op_checks import OP_CASES, OpCase, assert_op_matches_float64, op_inputs
+
+pytestmark = pytest.mark.slow  # a ~30 s build on first use, then seconds per case
+
+UNLIMITED = 1 << 20  # bytes of shared memory per CTA: every layout fits
+SM86 = 99 * 1024  # the smallest opt-in limit among the targeted GPUs (sm_86, sm_89)
+
+
+def emulated(shared_limit=UNLIMITED, immediate_copies=False):
+    """The op, (x, y, excluded, tau, grad_lse, need_dy) -> (lse, dx, dy), through the emulator."""
+    emu = cuda_emulation.load()
+
+    def run(x, y, excluded, tau, grad_lse, need_dy):
+        lse = emu.negative_lse(x, y, excluded, tau, shared_limit, immediate_copies)
+        dx, dy = emu.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, need_dy, shared_limit, immediate_copies)
+        return lse, dx, dy
+
+    return run
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=str)
+def test_matches_float64(case):
+    assert_op_matches_float64(emulated(), case)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["ntxent", "cross"])
+def test_chunked_layout(dtype, layout):
+    # D = 300 on a 99 KiB device: rows too long to keep the owned block in shared memory,
+    # so each streamed tile comes in chunks of features with the owned rows' chunks.
+    assert not cuda_emulation.load().resident_layout(dtype, 300, SM86)
+    assert_op_matches_float64(emulated(SM86), OpCase(dtype, layout, 40, 300))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_copies_landing_at_once(dtype):
+    # Copies that land as soon as issued: a stage still being read would be overwritten.
+    for limit in (UNLIMITED, SM86):
+        assert_op_matches_float64(emulated(limit, immediate_copies=True), OpCase(dtype, "ntxent", 40, 300))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rounding_matches_the_cpu_kernel(dtype):
+    # Both kernels round the same weights the same way (csrc/lse_math.h), so they agree far
+    # closer than either does with float64.
+    x, y, excluded, tau, grad_lse = op_inputs(OpCase(dtype, "cross", 70, 40))
+    got = emulated()(x, y, excluded, tau, grad_lse, True)
+    lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
+    dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, True)
+    for name, a, b in zip(("lse", "dx", "dy"), got, (lse, dx, dy)):
+        assert_rel_close(a, b, 1e-6 if name == "lse" else 2e-3, name)
+
+
+def test_strided_inputs_and_no_negatives():
+    # A transposed view (padded copy on the host) and rows whose only candidate is excluded.
+    emu_op = emulated()
+    g = torch.Generator().manual_seed(8)
+    x = torch.nn.functional.normalize(torch.randn(3, 5, generator=g), dim=0).to(torch.float16).T  # 5 x 3, strided
+    y = torch.nn.functional.normalize(torch.randn(1, 3, generator=g), dim=1).to(torch.float16)
+    excluded = torch.tensor([[0, -1], [-1, -1], [0, 0], [-1, -1], [0, -1]], dtype=torch.int32)
+    tau = torch.tensor(0.5)
+    grad_lse = torch.ones(5)
+    lse, dx, dy = emu_op(x, y, excluded, tau, grad_lse, True)
+    assert torch.isinf(lse[[0, 2, 4]]).all() and torch.isfinite(lse[[1, 3]]).all()
+    assert (dx[[0, 2, 4]] == 0).all()
+    expected = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
+    expected_dx, expected_dy = torch.ops.macl_kernels.negative_lse_backward(
+        grad_lse, x, y, excluded, tau, expected, True
+    )
+    assert_rel_close(lse[[1, 3]], expected[[1, 3]], 1e-6, "lse")
+    assert_rel_close(dx, expected_dx, 2e-3, "dx")
+    assert_rel_close(dy, expected_dy, 2e-3, "dy")
+    # No candidates at all: no tile to stream, every anchor without negatives.
+    lse, dx, dy = emu_op(x, y[:0], excluded.fill_(-1), tau, grad_lse, True)
+    assert torch.isinf(lse).all() and (lse < 0).all() and (dx == 0).all() and dy.shape == (0, 3)
