@@ -10,7 +10,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from macl_kernels._fused import layout_exclusions
+from macl_kernels._layouts import layout_exclusions
 from macl_kernels.backends.torch_chunked import TorchBackend
 from macl_kernels.testing import TOLERANCE, assert_rel_close
 

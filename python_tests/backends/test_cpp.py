@@ -15,7 +15,7 @@ import torch
 
 import macl_kernels as mk
 from macl_kernels import _ops, backends
-from macl_kernels._fused import layout_exclusions
+from macl_kernels._layouts import layout_exclusions
 from macl_kernels.backends.torch_chunked import TorchBackend
 from macl_kernels.testing import (
     LAYOUTS,
