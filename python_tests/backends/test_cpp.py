@@ -178,8 +178,9 @@ def test_missing_extension_keeps_the_package_usable_and_says_how_to_build():
 @pytest.mark.slow
 def test_memory_bound_at_16k_pairs():
     # N = 16384 pairs, ntxent: the dense 32768 x 32768 float32 matrix alone is 4 GiB.
-    # The whole process, interpreter and torch included, stays under 1 GB.
-    assert peak_rss_mb(16384, 64, "cpp") < 1000
+    # The step's own peak (RSS above its start) stays under 256 MiB: measured 47 MiB on
+    # 2026-11-28; the blocks of scratch are O(block * C), the rest O(N * D).
+    assert peak_rss_mb(16384, 64, "cpp") < 256
 
 
 def clustered_rows(n: int, d: int, spread: float, generator: torch.Generator) -> torch.Tensor:

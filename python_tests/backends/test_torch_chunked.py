@@ -29,5 +29,6 @@ def test_bank_gets_a_gradient_only_when_it_requires_one():  # MATH.md section 8;
 
 def test_memory_bound_at_16k_pairs():
     # N = 16384 pairs, ntxent: the dense 32768 x 32768 float32 matrix alone is 4 GiB.
-    # The whole process, interpreter and torch included, stays under 1 GB.
-    assert peak_rss_mb(16384, 64, "torch") < 1000
+    # The step's own peak (RSS above its start) stays under 512 MiB: measured 144 MiB on
+    # 2026-11-28; the blocks of scratch are O(block * C), the rest O(N * D).
+    assert peak_rss_mb(16384, 64, "torch") < 512
