@@ -14,7 +14,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 INSTALL_STAMP := $(VENV)/.install-stamp
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install spill-check codegen test wheel bench demo bench-regress checkstyle clean
+.PHONY: install spill-check codegen test mutants wheel bench demo bench-regress checkstyle clean
 
 $(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ codegen: install
 
 test: install spill-check codegen wheel
 	$(PY) -m pytest
+
+# Deliberate bugs the tests must catch (tools/mutant_catalog.py, docs/MUTANTS.md), each applied to a
+# scratch copy of the tree and checked by its focused test selection; fails if one survives or is
+# stale. Not part of `make test`. The result table goes to build/mutants.md.
+mutants: install
+	$(PY) tools/mutants.py --markdown build/mutants.md
 
 # The sdist and the binary wheel for this venv's torch (C++ CPU ops and CUDA kernels for
 # sm_80 and sm_90), versioned like 0.1.0+torch2.14.1.cu130, in dist/, built from the

@@ -143,3 +143,14 @@ def test_anchor_loss_second_derivative_holds_v_constant(reweight, eps):
     torch.testing.assert_close(got, second_derivative(closed_form, d), rtol=1e-10, atol=1e-300)
     extreme = second_derivative(lambda t: anchor_loss(t, MACLConfig(reweight=reweight, eps=eps)), D_VALUES[-7:])
     assert torch.isfinite(extreme).all()
+
+
+@pytest.mark.parametrize("reweight, eps", [(False, 0.0), (True, 1e-8), (True, 0.0), (True, 0.3)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_a_row_without_negatives_has_no_loss_and_no_slope(reweight, eps, dtype):
+    # MATH.md section 8: LSE- = -inf, so d = +inf: loss 0 and gradient 0, eps = 0 included (not its limit 1).
+    d = torch.tensor([float("inf"), 3.0], dtype=dtype, requires_grad=True)
+    loss = anchor_loss(d, MACLConfig(reweight=reweight, eps=eps))
+    loss.sum().backward()
+    assert loss[0].item() == 0.0 and d.grad[0].item() == 0.0
+    assert loss[1].item() > 0 and d.grad[1].item() < 0  # the row with negatives next to it is untouched

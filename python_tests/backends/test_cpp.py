@@ -2,8 +2,9 @@
 
 Here: that it is built and picked by ``auto``, block edges of its tiles and of its
 symmetric schedule, the op against the chunked torch backend on arbitrary excluded
-tables, every compiled instruction-set variant, determinism across thread counts,
-opcheck, the memory bound, and the error without the extension.
+tables, no gradient work for candidates that do not require one, every compiled
+instruction-set variant, determinism across thread counts, opcheck, the memory bound,
+and the error without the extension.
 """
 
 import os
@@ -12,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import macl_kernels as mk
 from macl_kernels import _ops, backends
@@ -86,6 +88,30 @@ def test_op_matches_torch_backend_on_any_exclusions(with_candidates, dtype):
         results.append([lse.detach(), xs.grad] + ([] if ys is None else [ys.grad]))
     for name, got, expected in zip(("lse", "dx", "dy"), *results):
         assert_rel_close(got, expected, 1e-12 if dtype == torch.float64 else 1e-3, name)
+
+
+class _BackwardKernelCalls(TorchDispatchMode):
+    """The need_dy argument of each call of the op's backward kernel run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.need_dy = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket == torch.ops.macl_kernels.negative_lse_backward:
+            self.need_dy.append(args[6])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bank_requires_grad", [False, True])
+def test_candidates_get_gradient_work_only_when_they_require_a_gradient(bank_requires_grad):
+    # MATH.md section 8: a bank without gradient costs no gradient work (macl_kernels/_ops.py asks for no dy).
+    z0, z1, bank = make_views(8, 4, seed=3, bank_rows=5)
+    bank.requires_grad_(bank_requires_grad)
+    loss = mk.macl_loss(z0.requires_grad_(True), z1, layout="queue", negatives=bank, backend="cpp")
+    with _BackwardKernelCalls() as calls:
+        loss.backward()
+    assert calls.need_dy == [bank_requires_grad]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

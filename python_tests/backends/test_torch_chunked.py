@@ -1,7 +1,9 @@
-"""The chunked PyTorch backend: block edges, its op on its own, and its memory bound."""
+"""The chunked PyTorch backend: block edges, its op on its own, no gradient work for a bank without
+gradient, and its memory bound."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import macl_kernels as mk
 from macl_kernels.backends import torch_chunked
@@ -25,6 +27,36 @@ def test_bank_gets_a_gradient_only_when_it_requires_one():  # MATH.md section 8;
     bank.requires_grad_(True)
     mk.macl_loss(z0, z1, layout="queue", negatives=bank, backend="torch").backward()
     assert bank.grad is not None and bank.grad.abs().sum() > 0
+
+
+class _MatrixProducts(TorchDispatchMode):
+    """The multiply-adds of the matrix products run under it, in-place ones too (FlopCounterMode skips addmm_)."""
+
+    PRODUCTS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+
+    def __init__(self):
+        super().__init__()
+        self.multiply_adds = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.PRODUCTS:
+            a, b = args[-2], args[-1]  # mm(a, b), addmm(input, a, b)
+            self.multiply_adds += a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_gradient_work_for_negatives_that_do_not_require_one():
+    # MATH.md section 8: a bank that does not require a gradient costs no gradient work (no E^T x product).
+    def backward_products(bank_requires_grad):
+        z0, z1, bank = make_views(8, 4, seed=3, bank_rows=5)
+        bank.requires_grad_(bank_requires_grad)
+        loss = mk.macl_loss(z0.requires_grad_(True), z1, layout="queue", negatives=bank, backend="torch")
+        with _MatrixProducts() as products:
+            loss.backward()
+        return products.multiply_adds
+
+    without, with_gradient = backward_products(False), backward_products(True)
+    assert 0 < without < with_gradient
 
 
 def test_memory_bound_at_16k_pairs():

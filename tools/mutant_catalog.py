@@ -1,0 +1,410 @@
+"""The mutants of ``make mutants`` (run by tools/mutants.py; docs/MUTANTS.md says how to read the run).
+
+Each mutant is one deliberate bug: an exact snippet of one file (``original``, which
+must occur there exactly once, else the mutant is reported stale and must be
+refreshed) and what replaces it, with the focused pytest selection that must catch
+it, mostly from the test file that mirrors the mutated module. ``rebuild`` names
+what the file is compiled into ("cpu": the C++ CPU ops; "emulator": the CPU
+emulator of the CUDA kernels). A mutant proven to compute the same results is kept
+with ``equivalent`` saying why, and is not run.
+
+The oracle (macl_kernels/backends/reference.py) is never mutated: it is what the
+tests check against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    original: str
+    replacement: str
+    tests: Tuple[str, ...]
+    why: str  # the bug it stands for
+    rebuild: Tuple[str, ...] = ()
+    equivalent: str = ""
+
+
+MATH = "macl_kernels/_math.py"
+LAYOUTS = "macl_kernels/_layouts.py"
+FUSED = "macl_kernels/_fused.py"
+DISTRIBUTED = "macl_kernels/distributed.py"
+TORCH = "macl_kernels/backends/torch_chunked.py"
+CUDA_KERNELS = "csrc/cuda/kernels.cuh"
+TRITON = "macl_kernels/backends/triton"
+
+T_MATH = "python_tests/test_math.py"
+T_LAYOUTS = "python_tests/test_layouts.py"
+T_TORCH = "python_tests/backends/test_torch_chunked.py"
+T_CPP = "python_tests/backends/test_cpp.py"
+T_EMULATED = "python_tests/backends/test_cuda_emulated.py"
+TRITON_EDGES = "python_tests/backends/test_triton.py::test_block_edges_and_embedding_chunks"
+T_TRAINING = "python_tests/conformance/test_training_api.py"
+T_REFERENCE = "python_tests/conformance/test_against_reference.py"
+T_DISTRIBUTED = "python_tests/test_distributed.py"
+# One world size's group runs every case once (~20 s); these are its cheapest views of a wrong gradient or loss.
+RANKS_MATCH = (
+    f"{T_DISTRIBUTED}::test_ranks_reproduce_the_single_process_loss[world2-torch-ntxent-linear-V-float64-mean-function]"
+)
+
+MUTANTS = [
+    # ---- the shared per-anchor math (_math.py) ----
+    Mutant(
+        "math-eps-ignored",
+        MATH,
+        "return _AnchorLoss.apply(d, cfg.reweight, cfg.eps)",
+        "return _AnchorLoss.apply(d, cfg.reweight, 1e-8)",
+        (
+            f"{T_MATH}::test_anchor_loss_and_its_gradient_equal_the_closed_forms",
+            f"{T_REFERENCE}::test_losses_and_statistics_equal_a_hand_computation[torch-ntxent-0.3]",
+        ),
+        "cfg.eps ignored, always lightly's 1e-8 (survived the whole suite in the issue-15 audit)",
+    ),
+    Mutant(
+        "math-eps-dropped",
+        MATH,
+        "return nll / (torch.sigmoid(-d) + eps)",
+        "return nll / torch.sigmoid(-d)",
+        (f"{T_MATH}::test_loss_value_equals_the_closed_form",),
+        "eps left out of V = 1 / (1 - P + eps) in the loss's value",
+    ),
+    Mutant(
+        "math-v-not-detached",
+        MATH,
+        "return _AnchorLoss.apply(d, cfg.reweight, cfg.eps)",
+        "return anchor_loss_value(d, cfg.reweight, cfg.eps)",
+        (f"{T_MATH}::test_anchor_loss_and_its_gradient_equal_the_closed_forms",),
+        "autograd of the closed form: V gets a gradient instead of being a constant",
+    ),
+    Mutant(
+        "math-tau-floor-dropped",
+        MATH,
+        "return tau.clamp_min(cfg.min_temperature)",
+        "return tau",
+        (f"{T_MATH}::test_temperature_floor_instead_of_nonpositive_tau",),
+        "tau not floored at min_temperature: tau <= 0 turns the loss around or divides by 0",
+    ),
+    Mutant(
+        "math-schedule-A0-sign",
+        MATH,
+        "tau = base * (1.0 + cfg.alpha * (alignment - cfg.A_0))",
+        "tau = base * (1.0 + cfg.alpha * (alignment + cfg.A_0))",
+        (f"{T_MATH}::test_linear_and_exp_schedules",),
+        "the linear schedule's A_0 with the wrong sign",
+    ),
+    Mutant(
+        "math-softplus-threshold",
+        MATH,
+        "nll = F.softplus(-d, threshold=40)",
+        "nll = F.softplus(-d)",
+        (f"{T_MATH}::test_loss_value_past_the_softplus_threshold_in_float64",),
+        "softplus's default threshold 20: -log P off by 1e-10 relative in float64",
+    ),
+    Mutant(
+        "math-no-negatives-eps0-loss",
+        MATH,
+        'return torch.where(d == float("inf"), 0.0, nll + tail)',
+        "return nll + tail",
+        (f"{T_MATH}::test_a_row_without_negatives_has_no_loss_and_no_slope",),
+        "eps = 0: a row without negatives (d = +inf) gets the limit 1 instead of loss 0",
+    ),
+    Mutant(
+        "math-no-negatives-eps0-slope",
+        MATH,
+        'return (d != float("inf")).to(d.dtype)',
+        "return torch.ones_like(d)",
+        (f"{T_MATH}::test_a_row_without_negatives_has_no_loss_and_no_slope",),
+        "eps = 0: a row without negatives gets slope 1, so its positive a gradient",
+    ),
+    Mutant(
+        "math-second-derivative",
+        MATH,
+        "slope = slope * torch.exp(log_one_minus_p - log_one_minus_p.detach())",
+        "slope = slope * torch.exp(log_one_minus_p.detach() - log_one_minus_p.detach())",
+        (f"{T_MATH}::test_anchor_loss_second_derivative_holds_v_constant",),
+        "the recorded backward treats the slope as a constant: second derivatives lose a term",
+    ),
+    # ---- the layouts (_layouts.py) ----
+    Mutant(
+        "layouts-ntxent-positive-not-excluded",
+        LAYOUTS,
+        "columns = [direction.candidates.index(v) * total + rows for v in direction.excluded_views(view)]",
+        "columns = [direction.candidates.index(v) * total + rows for v in direction.excluded_views(view)[:1]]",
+        (f"{T_LAYOUTS}::test_negatives_per_anchor_match_math",),
+        "ntxent: the positive stays among an anchor's negatives (only the anchor itself is excluded)",
+    ),
+    Mutant(
+        "layouts-rank-offset",
+        LAYOUTS,
+        "rows = torch.arange(n, device=device) + rank * n\n    total = world_size * n",
+        "rows = torch.arange(n, device=device)\n    total = world_size * n",
+        (f"{T_LAYOUTS}::test_excluded_columns_are_the_anchor_and_its_positive",),
+        "across ranks, every rank excludes the columns of rank 0's rows",
+    ),
+    Mutant(
+        "layouts-own-anchor-rows",
+        LAYOUTS,
+        "return torch.cat([rows + block * world_size * n for block in range(len(views))])",
+        "return torch.cat([rows + block * n for block in range(len(views))])",
+        (f"{T_LAYOUTS}::test_own_anchor_rows_partition_the_global_anchors",),
+        "a rank's second block of anchors taken at the local, not the global, offset",
+    ),
+    Mutant(
+        "layouts-cross-sym-extra-negatives",
+        LAYOUTS,
+        "Direction((U1,), (U0,), extra_negatives=False)",
+        "Direction((U1,), (U0,), extra_negatives=True)",
+        (f"{T_LAYOUTS}::test_extra_negatives_reach_the_anchors_of_math_section_8",),
+        "cross_sym: the u1 -> u0 direction sees the extra negatives too",
+    ),
+    # ---- the fused path (_fused.py) ----
+    Mutant(
+        "fused-tau-grad-symmetric-not-halved",
+        FUSED,
+        "    if symmetric:\n        ratio = ratio.sqrt()\n",
+        "",
+        (f"{T_TRAINING}::test_learnable_temperature_and_negatives_match_reference[torch-linear-0.5-ntxent-in-batch]",),
+        "a tensor temperature's gradient through ntxent's y=None call counted twice",
+    ),
+    Mutant(
+        "fused-tau-grad-sign",
+        FUSED,
+        "ratio = tau.detach() / tau",
+        "ratio = tau / tau.detach()",
+        (f"{T_TRAINING}::test_learnable_temperature_and_negatives_match_reference[torch-linear-0.5-cross-in-batch]",),
+        "a tensor temperature's gradient through the negatives with the wrong sign",
+    ),
+    Mutant(
+        "fused-tau-grad-extra-halved",
+        FUSED,
+        "anchors = _with_tau_gradient(x, tau, symmetric=False)",
+        "anchors = _with_tau_gradient(x, tau, symmetric=True)",
+        (f"{T_TRAINING}::test_learnable_temperature_and_negatives_match_reference[torch-linear-0.5-ntxent-negatives]",),
+        "a tensor temperature's gradient through the extra negatives halved",
+    ),
+    Mutant(
+        "fused-negatives-joined-by-max",
+        FUSED,
+        "return parts[0] if len(parts) == 1 else torch.logaddexp(parts[0], parts[1])",
+        "return parts[0] if len(parts) == 1 else torch.maximum(parts[0], parts[1])",
+        (f"{T_TRAINING}::test_learnable_temperature_and_negatives_match_reference[torch-linear-0.5-cross-negatives]",),
+        "in-batch and extra negatives joined by a max instead of a logaddexp",
+    ),
+    Mutant(
+        "fused-global-alignment-local",
+        FUSED,
+        "alignment = distributed.global_mean(positive_cos) if across_ranks else positive_cos.detach().mean()",
+        "alignment = positive_cos.detach().mean()",
+        (RANKS_MATCH,),
+        "across ranks, each rank's own A and tau instead of the global batch's",
+    ),
+    # ---- the distributed path (distributed.py) ----
+    Mutant(
+        "distributed-check-without-layout",
+        DISTRIBUTED,
+        "LAYOUTS.index(layout), k]",
+        "0, k]",
+        (f"{T_DISTRIBUTED}::test_a_layout_that_differs_across_ranks_fails_on_every_rank[world2]",),
+        "check_same_problem does not compare the layout (survived the whole suite in the issue-15 audit)",
+    ),
+    Mutant(
+        "distributed-gradients-averaged",
+        DISTRIBUTED,
+        "        dist.all_reduce(total)\n        count =",
+        "        dist.all_reduce(total)\n        total = total / dist.get_world_size()\n        count =",
+        (RANKS_MATCH,),
+        "the gathered candidates' gradients averaged across ranks instead of summed",
+    ),
+    Mutant(
+        "distributed-global-mean-local-count",
+        DISTRIBUTED,
+        "return total / (values.numel() * dist.get_world_size())",
+        "return total / values.numel()",
+        (RANKS_MATCH,),
+        "the global A divided by one rank's count: tau off by the world size",
+    ),
+    Mutant(
+        "distributed-gathered-views-order",
+        DISTRIBUTED,
+        "return tuple(gathered.transpose(0, 1).reshape(len(views), -1, d).unbind(0))",
+        "return tuple(gathered.reshape(len(views), -1, d).unbind(0))",
+        (RANKS_MATCH,),
+        "the views gathered in one collective split rank-major: rows of z0 and z1 mixed up",
+    ),
+    # ---- the memory bank and GradCache ----
+    Mutant(
+        "memory-bank-pointer-wrap",
+        "macl_kernels/memory_bank.py",
+        "torch.where(after >= self.size, torch.zeros_like(after), after)",
+        "torch.where(after > self.size, torch.zeros_like(after), after)",
+        ("python_tests/test_memory_bank.py",),
+        "the FIFO pointer not wrapped when a batch ends exactly at the bank's end: updates stop",
+    ),
+    Mutant(
+        "memory-bank-wraps-instead-of-dropping",
+        "macl_kernels/memory_bank.py",
+        "offset = torch.arange(self.size, device=bank.device) - self.pointer",
+        "offset = (torch.arange(self.size, device=bank.device) - self.pointer) % self.size",
+        ("python_tests/test_memory_bank.py",),
+        "rows past the bank's end written at its start (lightly drops them)",
+    ),
+    Mutant(
+        "grad-cache-rng-not-replayed",
+        "macl_kernels/grad_cache.py",
+        "tower.rng[k].restore(plan.cuda_devices)",
+        "pass",
+        ("python_tests/test_grad_cache.py::test_same_gradient_as_the_uncached_step[mlp-dropout-3-torch.float64]",),
+        "GradCache's second pass draws new dropout masks instead of replaying the first pass's",
+    ),
+    # ---- the torch backend (backends/torch_chunked.py) ----
+    Mutant(
+        "torch-block-edge",
+        TORCH,
+        "yield block * step, (block + 1) * step",
+        "yield block * step, (block + 1) * step - 1",
+        (f"{T_TORCH}::test_many_small_blocks_match_reference",),
+        "an off-by-one at a block edge: the last row of each block is never computed",
+    ),
+    Mutant(
+        "torch-second-exclusion-ignored",
+        TORCH,
+        "hidden = (columns == excluded_block[:, :1]) | (columns == excluded_block[:, 1:])",
+        "hidden = columns == excluded_block[:, :1]",
+        (f"{T_TORCH}::test_many_small_blocks_match_reference",),
+        "the second excluded column of each anchor (ntxent's positive) counted as a negative",
+    ),
+    Mutant(
+        "torch-backward-scale-1e-5",
+        TORCH,
+        "scale = (grad_lse.to(acc) * inv_tau)[:, None]",
+        "scale = (grad_lse.to(acc) * inv_tau * (1 + 1e-5))[:, None]",
+        (f"{T_TORCH}::test_many_small_blocks_match_reference",),
+        "the backward scaled by 1 + 1e-5 (the audit's subtle scale bug)",
+    ),
+    Mutant(
+        "torch-symmetric-backward",
+        TORCH,
+        "return (dx + dcand).to(x.dtype), None, None, None",
+        "return (dx + dx).to(x.dtype), None, None, None",
+        (f"{T_TORCH}::test_many_small_blocks_match_reference",),
+        "ntxent's y=None backward as 2 E X instead of (E + E^T) X",
+    ),
+    Mutant(
+        "torch-negatives-gradient-not-required",
+        TORCH,
+        "need_dy = y is None or ctx.needs_input_grad[1]",
+        "need_dy = True",
+        (f"{T_TORCH}::test_no_gradient_work_for_negatives_that_do_not_require_one",),
+        "extra negatives that do not require a gradient still get one computed (and thrown away)",
+    ),
+    # ---- the compiled ops' autograd (_ops.py, shared by cpp and cuda) ----
+    Mutant(
+        "ops-negatives-gradient-not-required",
+        "macl_kernels/_ops.py",
+        "need_dy = ctx.has_y and ctx.needs_input_grad[1]",
+        "need_dy = ctx.has_y",
+        (f"{T_CPP}::test_candidates_get_gradient_work_only_when_they_require_a_gradient",),
+        "the kernels compute the gradient of extra negatives that do not require one (thrown away)",
+    ),
+    # ---- the C++ CPU kernel (csrc/cpu, csrc/lse_math.h): each one rebuilds the CPU ops ----
+    Mutant(
+        "cpp-partial-vector-dropped",
+        "csrc/cpu/tile_passes.cpp",
+        "vsum += (load_partial(row + body, cols - body, ninf) - shift).exp();",
+        "(void)0;  // mutant: the partial vector's terms are dropped",
+        (f"{T_CPP}::test_rectangular_block_edges[cross]", f"{T_CPP}::test_op_matches_torch_backend_on_any_exclusions"),
+        "the forward drops the last, partial SIMD vector of each tile row (the audit's C++ mutant)",
+        rebuild=("cpu",),
+    ),
+    Mutant(
+        "cpp-backward-scale-1.001",
+        "csrc/cpu/negative_lse_cpu.cpp",
+        "coef[r] = g[r] * p.inv_tau;",
+        "coef[r] = g[r] * p.inv_tau * T(1.001);",
+        (f"{T_CPP}::test_op_matches_torch_backend_on_any_exclusions",),
+        "the backward scaled by 1.001 (the audit's scale bug)",
+        rebuild=("cpu",),
+    ),
+    Mutant(
+        "cpp-fp16-weight-rounding-rule",
+        "csrc/lse_math.h",
+        "return {coef / scale, scale};",
+        "return {coef, T(1)};",
+        (f"{T_CPP}::test_fp16_weights_do_not_underflow_at_32k",),
+        "fp16 column-view weights rounded as E = coef * p (issue 11: below fp16's subnormals at large N)",
+        rebuild=("cpu",),
+    ),
+    # ---- the CUDA kernels (csrc/cuda), run by the CPU emulator of python_tests/backends/cuda_emulation ----
+    Mutant(
+        "cuda-column-pass-overwrites-dx",
+        CUDA_KERNELS,
+        "out[feature] = p.accumulate ? out[feature] + value : value;",
+        "out[feature] = value;",
+        (f"{T_EMULATED}::test_matches_float64[float32-ntxent-n45-d19]",),
+        "ntxent's symmetric backward: the column pass overwrites dx = E x instead of adding E^T x",
+        rebuild=("emulator",),
+    ),
+    Mutant(
+        "cuda-column-shift-without-log2e",
+        CUDA_KERNELS,
+        "record.shift2 = weight_shift(lse[r]) * Acc(kLog2e);",
+        "record.shift2 = weight_shift(lse[r]);",
+        (f"{T_EMULATED}::test_matches_float64[float32-cross-n70-d40]",),
+        "the exp2 folding: the column pass's lse shift left in base e while the logits are in base 2",
+        rebuild=("emulator",),
+    ),
+    Mutant(
+        "cuda-ragged-tile-off-by-one",
+        CUDA_KERNELS,
+        "valid = min(cols - col0, Tile::kStreamed);",
+        "valid = min(cols - col0 + 1, Tile::kStreamed);",
+        (f"{T_EMULATED}::test_matches_float64[float32-cross-n70-d40]",),
+        "an off-by-one at the ragged last tile: one column past the candidates counted as a negative",
+        rebuild=("emulator",),
+    ),
+    # ---- the Triton kernels (macl_kernels/backends/triton), in Triton's interpreter ----
+    # Another branch was rewriting these kernels when the catalog was written: when a snippet no
+    # longer matches, the run reports the mutant stale; refresh it to the same bug in the new code.
+    Mutant(
+        "triton-edge-mask",
+        f"{TRITON}/helpers.py",
+        'sim = tl.where(hidden | (b_idx[None, :] >= n_b), float("-inf"), sim)',
+        'sim = tl.where(hidden, float("-inf"), sim)',
+        (f"{TRITON_EDGES}[13-5-cross]",),
+        "the ragged last tile's columns past the candidates (zeros) counted as negatives (the audit's Triton mutant)",
+    ),
+    Mutant(
+        "triton-ragged-tile-skipped",
+        f"{TRITON}/forward.py",
+        "for j in range(0, len1 + len2 + (n_full * BLOCK_N < C).to(tl.int32)):",
+        "for j in range(0, len1 + len2):",
+        (f"{TRITON_EDGES}[13-5-cross]",),
+        "the forward never visits the ragged last tile of candidates",
+    ),
+    Mutant(
+        "triton-extra-empty-tile",
+        f"{TRITON}/forward.py",
+        "for j in range(0, len1 + len2 + (n_full * BLOCK_N < C).to(tl.int32)):",
+        "for j in range(0, len1 + len2 + (n_full * BLOCK_N <= C).to(tl.int32)):",
+        (f"{TRITON_EDGES}[16-16-cross]",),
+        "the other side of that off-by-one: one more tile, past the candidates, when BLOCK_N divides C",
+        equivalent=(
+            "the extra tile's columns are all >= C: it is a masked tile, so its loads give 0 and every score is "
+            "-inf; the running max stays as it was and each term is exp2(-inf) = 0, so lse is the same bits "
+            "(only a tile of work is wasted)"
+        ),
+    ),
+    Mutant(
+        "triton-rows-lse-without-log2e",
+        f"{TRITON}/backward.py",
+        'lse2 = tl.load(lse_ptr + rows, mask=inside, other=float("inf")) * LOG2E  # rows past M get P = 0',
+        'lse2 = tl.load(lse_ptr + rows, mask=inside, other=float("inf"))  # rows past M get P = 0',
+        (f"{TRITON_EDGES}[13-5-cross]",),
+        "the exp2 folding: the row pass shifts base-2 logits by a base-e lse",
+    ),
+]
