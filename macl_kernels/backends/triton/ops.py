@@ -8,6 +8,10 @@ registered as opaque ``custom_op`` s instead; schemas, fakes and autograd are
 identical either way. The backward ops are plain (not differentiable): the loss
 has no double backward.
 
+Two forward ops: ``negative_lse`` (the lse) and ``negative_lse_product`` (the lse and
+``P y``, kept for the backward so that ``dx`` needs no pass over S);
+:func:`differentiable_lse` picks the second when ``dx`` will be needed.
+
 No ``from __future__ import annotations`` here: the schemas are inferred from the
 annotations at runtime.
 """
@@ -95,16 +99,22 @@ def _negative_lse(
     return forward.negative_lse_forward(x, y, excluded, tau, tf32)
 
 
+def _negative_lse_product(
+    x: torch.Tensor, y: torch.Tensor, excluded: torch.Tensor, tau: torch.Tensor, tf32: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return forward.negative_lse_product_forward(x, y, excluded, tau, tf32)
+
+
 def _negative_lse_rows(
-    x: torch.Tensor,
-    y: Optional[torch.Tensor],
-    excluded: torch.Tensor,
-    tau: torch.Tensor,
-    lse: torch.Tensor,
-    grad_lse: torch.Tensor,
-    tf32: bool,
+    x: torch.Tensor, excluded: torch.Tensor, tau: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor, tf32: bool
 ) -> torch.Tensor:
-    return backward.backward_rows(x, y, excluded, tau, lse, grad_lse, tf32)
+    return backward.backward_rows(x, excluded, tau, lse, grad_lse, tf32)
+
+
+def _negative_lse_product_rows(
+    x: torch.Tensor, product: torch.Tensor, tau: torch.Tensor, grad_lse: torch.Tensor
+) -> torch.Tensor:
+    return backward.rows_from_product(product, tau, grad_lse, x.dtype)
 
 
 def _negative_lse_columns(
@@ -120,7 +130,9 @@ def _negative_lse_columns(
 
 
 negative_lse = _define("triton_negative_lse", _negative_lse)
+negative_lse_product = _define("triton_negative_lse_product", _negative_lse_product)
 negative_lse_rows = _define("triton_negative_lse_rows", _negative_lse_rows)
+negative_lse_product_rows = _define("triton_negative_lse_product_rows", _negative_lse_product_rows)
 negative_lse_columns = _define("triton_negative_lse_columns", _negative_lse_columns)
 
 
@@ -129,8 +141,19 @@ def _(x, y, excluded, tau, tf32):
     return x.new_empty(x.shape[0], dtype=accumulation_dtype(x.dtype))
 
 
+@negative_lse_product.register_fake
+def _(x, y, excluded, tau, tf32):
+    acc = accumulation_dtype(x.dtype)
+    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape, dtype=acc)
+
+
 @negative_lse_rows.register_fake
-def _(x, y, excluded, tau, lse, grad_lse, tf32):
+def _(x, excluded, tau, lse, grad_lse, tf32):
+    return x.new_empty(x.shape)
+
+
+@negative_lse_product_rows.register_fake
+def _(x, product, tau, grad_lse):
     return x.new_empty(x.shape)
 
 
@@ -148,11 +171,46 @@ def _negative_lse_setup(ctx, inputs, output):
 def _negative_lse_grad(ctx, grad_lse):
     x, y, excluded, tau, lse = ctx.saved_tensors
     if y is None:  # anchors = candidates: dx = (E + E^T) x in one symmetric row pass
-        return negative_lse_rows(x, None, excluded, tau, lse, grad_lse, ctx.tf32), None, None, None, None
+        return negative_lse_rows(x, excluded, tau, lse, grad_lse, ctx.tf32), None, None, None, None
     need_dx, need_dy = ctx.needs_input_grad[:2]
-    dx = negative_lse_rows(x, y, excluded, tau, lse, grad_lse, ctx.tf32) if need_dx else None
+    dx = None
+    if need_dx:  # not saved by this forward (see differentiable_lse): P y is recomputed
+        _, product = negative_lse_product(x, y, excluded, tau, ctx.tf32)
+        dx = negative_lse_product_rows(x, product, tau, grad_lse)
     dy = negative_lse_columns(x, y, excluded, tau, lse, grad_lse, ctx.tf32) if need_dy else None
     return dx, dy, None, None, None
 
 
 negative_lse.register_autograd(_negative_lse_grad, setup_context=_negative_lse_setup)
+
+
+def _negative_lse_product_setup(ctx, inputs, output):
+    x, y, excluded, tau, tf32 = inputs
+    lse, product = output
+    ctx.tf32 = tf32
+    ctx.mark_non_differentiable(product)
+    ctx.save_for_backward(x, y, excluded, tau, lse, product)
+
+
+def _negative_lse_product_grad(ctx, grad_lse, _grad_product):
+    x, y, excluded, tau, lse, product = ctx.saved_tensors
+    need_dx, need_dy = ctx.needs_input_grad[:2]
+    dx = negative_lse_product_rows(x, product, tau, grad_lse) if need_dx else None  # no pass over S
+    dy = negative_lse_columns(x, y, excluded, tau, lse, grad_lse, ctx.tf32) if need_dy else None
+    return dx, dy, None, None, None
+
+
+negative_lse_product.register_autograd(_negative_lse_product_grad, setup_context=_negative_lse_product_setup)
+
+
+def differentiable_lse(
+    x: torch.Tensor, y: Optional[torch.Tensor], excluded: torch.Tensor, tau: torch.Tensor, tf32: bool
+) -> torch.Tensor:
+    """The lse with its gradient; when ``dx`` will be needed and ``y`` is given, the forward also keeps ``P y``.
+
+    ``dx = (h / tau) P y`` then costs no pass over S in the backward: 4 GEMM passes
+    for forward and backward instead of 5 (MATH.md section 7 counts 4).
+    """
+    if y is not None and torch.is_grad_enabled() and x.requires_grad:
+        return negative_lse_product(x, y, excluded, tau, tf32)[0]
+    return negative_lse(x, y, excluded, tau, tf32)

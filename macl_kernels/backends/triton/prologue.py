@@ -221,8 +221,8 @@ def normalize_pair_backward_kernel(
         store_tile(dz1_ptr, dz1, rows, dims, N, D, stride_dzn, stride_dzd)
 
 
-def _rows_per_program() -> int:
-    return INTERPRETER_ROWS if INTERPRET else PROLOGUE_ROWS
+def _rows_per_program(itemsize: int) -> int:
+    return INTERPRETER_ROWS if INTERPRET else PROLOGUE_ROWS[itemsize]
 
 
 def normalize_launch(z0: torch.Tensor, z1: torch.Tensor) -> Launch:
@@ -231,7 +231,7 @@ def normalize_launch(z0: torch.Tensor, z1: torch.Tensor) -> Launch:
     u0 = torch.empty((n, d), dtype=z0.dtype, device=z0.device)
     u1 = torch.empty_like(u0)
     cos, norm0, norm1 = (torch.empty(n, dtype=acc, device=z0.device) for _ in range(3))
-    rows = _rows_per_program()
+    rows = _rows_per_program(z0.element_size())
     args = dict(
         z0_ptr=z0,
         z1_ptr=z1,
@@ -272,7 +272,7 @@ def normalize_backward_launch(
     n, d = z0.shape
     dz0 = torch.empty((n, d), dtype=z0.dtype, device=z0.device)
     dz1 = torch.empty_like(dz0)
-    rows = _rows_per_program()
+    rows = _rows_per_program(z0.element_size())
     args = dict(
         z0_ptr=z0,
         z1_ptr=z1,
