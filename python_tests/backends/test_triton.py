@@ -10,13 +10,14 @@ import os
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 import macl_kernels as mk
 from macl_kernels._fused import layout_exclusions
 from macl_kernels.backends import torch_chunked
 from macl_kernels.backends import triton as triton_backend
 from macl_kernels.backends.triton import backend as backend_module
-from macl_kernels.backends.triton import backward, configs, forward, ops, prologue
+from macl_kernels.backends.triton import backward, configs, forward, helpers, ops, prologue
 from macl_kernels.backends.triton.launch import Launch
 from macl_kernels.testing import LAYOUTS, assert_matches_reference, assert_rel_close, make_views
 
@@ -76,6 +77,14 @@ def test_prune_hook_keeps_the_configs_the_table_verified(monkeypatch):
     assert configs.table_key("forward", fp32, 90) == (90, "forward+product online", "tf32", 128, True)
 
 
+def test_verified_table_has_a_clean_config_for_every_kernel_on_sm80_and_sm90():
+    # An empty entry would leave the kernel a spilling config; the codegen report regenerates the table.
+    assert {key[0] for key in configs.verified.CLEAN} == {80, 90}
+    assert all(configs.verified.CLEAN.values())
+    dtypes = {key[2] for key in configs.verified.CLEAN}
+    assert dtypes == {"bf16", "fp16", "tf32", "fp32", "fp64"}
+
+
 def test_prune_hook_estimates_for_targets_without_a_table(monkeypatch):
     monkeypatch.setattr(configs, "current_arch", lambda: 89)  # not in the table: 99 KiB of shared memory
     gpu = configs.GPU_CONFIGS  # 128x64 w4 s3, 64x128 w4 s3, 128x128 w8 s3, 128x64 w8 s2, 64x64 w4 s2
@@ -92,6 +101,27 @@ def test_fp32_dots_are_tf32x3_unless_tf32_is_allowed():
     assert configs.dot_precision(torch.float32, False) == "tf32x3"
     assert configs.dot_precision(torch.float32, True) == "tf32"
     assert configs.dot_precision(torch.float64, True) == "ieee"
+
+
+@triton.jit
+def _tf32_parts_kernel(x_ptr, hi_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(hi_ptr + offsets, helpers.tf32_part(tl.load(x_ptr + offsets)))
+
+
+@needs_interpreter
+def test_tf32x3_split_is_exact():
+    # On GPUs tf32x3 dots split each operand into hi (exact in TF32) + lo (their exact fp32 difference).
+    g = torch.Generator().manual_seed(12)
+    x = torch.cat(
+        [torch.randn(1020, generator=g) * 10.0 ** torch.randint(-30, 30, (1020,), generator=g), torch.zeros(4)]
+    )
+    x[-3:] = torch.tensor([1.0 + 2.0**-11, -(1.0 + 3 * 2.0**-11), 2.0 - 2.0**-20])  # ties round away; carries
+    hi = torch.empty_like(x)
+    _tf32_parts_kernel[(1,)](x, hi, N=1024)
+    assert (hi.view(torch.int32) & 0x1FFF == 0).all()  # 10 mantissa bits left
+    assert ((x - hi).abs() <= x.abs() * 2.0**-11).all()  # to nearest
+    assert hi[-3:].tolist() == [1.0 + 2.0**-10, -(1.0 + 2 * 2.0**-10), 2.0]
 
 
 @pytest.fixture

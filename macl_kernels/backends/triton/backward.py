@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..._math import accumulation_dtype
-from .configs import SIZES, autotuned, block_d, fixed, size_class, tuned
+from .configs import SIZES, autotuned, block_d, dot_precision, fixed, size_class, tuned
 from .helpers import (
     LOG2E,
     bounds,
@@ -346,7 +346,7 @@ def rows_launches(
         ROWS_CLASS=size_class(m),
         COLS_CLASS=size_class(m),
         TF32=bool(tf32),
-        BLOCK_D=block_d(d, x.element_size(), gradient=True),
+        BLOCK_D=block_d(d, x.element_size(), gradient=True, split=dot_precision(x.dtype, tf32) == "tf32x3"),
     )
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     kernel = rows_tuned if autotuned(m, m, x.dtype) else rows_fixed
@@ -405,7 +405,7 @@ def columns_launches(
         ROWS_CLASS=size_class(m),
         COLS_CLASS=size_class(c),
         TF32=bool(tf32),
-        BLOCK_D=block_d(d, x.element_size(), gradient=True),
+        BLOCK_D=block_d(d, x.element_size(), gradient=True, split=dot_precision(x.dtype, tf32) == "tf32x3"),
     )
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     kernel = columns_tuned if autotuned(m, c, x.dtype) else columns_fixed

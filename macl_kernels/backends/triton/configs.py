@@ -24,14 +24,16 @@ from . import verified
 
 MAX_BLOCK_D = 256  # widest embedding chunk held in one tile
 MAX_GRADIENT_BLOCK_D = 128  # widest chunk of a gradient (fp32 accumulator) tile
+MAX_SPLIT_BLOCK_D = 64  # widest chunk of tf32x3 dots, whose operands are split in registers (wider spilled)
 # One operand row of a tile in shared memory: 256 bf16/fp16, 128 fp32 or 64 fp64 values, so that
 # a 64 x BLOCK_D anchor tile and two stages of candidate tiles fit an A100's 164 KiB.
 MAX_ROW_BYTES = 512
 MIN_BLOCK_D = 64  # tl.dot needs >= 16; 64 lets every D <= 64 share one compiled kernel
 SMALL_PROBLEM = 1 << 20  # M * C below this: one fixed tile, no autotuning (tests, tiny batches)
-# Rows per program of the normalization kernels: 32 rows of 2-byte values; fewer of fp32 / fp64, whose
-# backward holds four fp32 / fp64 tiles (u0, u1 and their upstream gradients) and spilled at 32 rows.
-PROLOGUE_ROWS = {2: 32, 4: 16, 8: 8}
+PROLOGUE_ROWS = 32  # rows per program of the normalization kernels
+# The prologue's backward holds four tiles (u0, u1 and their upstream gradients) in the accumulation
+# dtype: at most this many elements per tile by input itemsize, or it spilled (codegen report).
+PROLOGUE_BACKWARD_ELEMENTS = {2: 4096, 4: 2048, 8: 512}
 
 
 def interpreting() -> bool:
@@ -62,7 +64,7 @@ GPU_CONFIGS = [
 ]
 # Smaller tiles, in order, for a kernel none of the above (or, untuned, not the small one) runs
 # without spilling: the fp32 (tf32x3) and fp64 gradient kernels.
-TINY_CONFIGS = [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(32, 32, 4, 2)]
+TINY_CONFIGS = [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(32, 32, 4, 2), _config(32, 16, 4, 2)]
 
 GPU_TUNED_CONFIGS = GPU_CONFIGS + TINY_CONFIGS
 GPU_FIXED_CONFIGS = [SMALL_CONFIG] + TINY_CONFIGS
@@ -229,15 +231,20 @@ def size_class(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
 
-def block_d(d: int, itemsize: int, gradient: bool = False) -> int:
+def block_d(d: int, itemsize: int, gradient: bool = False, split: bool = False) -> int:
     """The embedding chunk: all of D (rounded up to a power of two) when it fits in one tile.
 
     Kernels that hold a ``gradient`` tile in fp32 registers take chunks of at most
-    ``MAX_GRADIENT_BLOCK_D`` on GPUs: wider ones spill (codegen report).
+    ``MAX_GRADIENT_BLOCK_D`` on GPUs, and tf32x3 dots (``split``) of at most
+    ``MAX_SPLIT_BLOCK_D``: wider ones spill (codegen report).
     """
     if INTERPRET:
         return max(MIN_BLOCK_D, min(triton.next_power_of_2(d), MAX_BLOCK_D))
-    widest = min(MAX_BLOCK_D, MAX_ROW_BYTES // itemsize, MAX_GRADIENT_BLOCK_D if gradient else MAX_BLOCK_D)
+    widest = min(MAX_BLOCK_D, MAX_ROW_BYTES // itemsize)
+    if gradient:
+        widest = min(widest, MAX_GRADIENT_BLOCK_D)
+    if split:
+        widest = min(widest, MAX_SPLIT_BLOCK_D)
     return max(MIN_BLOCK_D, min(triton.next_power_of_2(d), widest))
 
 
