@@ -361,7 +361,8 @@ def mark_picked(rows: List[dict]) -> None:
         # Every variant runs untuned (small problems, fallbacks); those with more GPU configs also tuned.
         picked = {configs.shape(c) for c in configs.select(configs.GPU_FIXED_CONFIGS, usable, tuned=False)}
         if any(configs.shape(c) in by_shape for c in configs.GPU_CONFIGS if c is not configs.SMALL_CONFIG):
-            picked |= {configs.shape(c) for c in configs.select(configs.GPU_TUNED_CONFIGS, usable, tuned=True)}
+            chosen = configs.select(configs.GPU_TUNED_CONFIGS, usable, tuned=True, stage=members[0]["kernel"])
+            picked |= {configs.shape(c) for c in chosen}
         for shape, row in by_shape.items():
             row["picked"] = "yes" if shape in picked else "no"
 
@@ -474,10 +475,10 @@ def problems(rows: List[dict]) -> List[str]:
             continue
         where = f"{row['kernel']} {row['layout']} sm_{row['arch']} {row['dtype']} D={row['d']} "
         where += f"{row['block_m']}x{row['block_n']} w{row['warps']} s{row['stages']}"
-        if row["spill_bytes"]:
+        if int(row["spill_bytes"] or 0):
             found.append(f"{where}: {row['spill_bytes']} spill bytes")
         if row["fits"] == "no":
-            found.append(f"{where}: {row['smem_bytes']} B of shared memory > {SMEM_PER_BLOCK[row['arch']]}")
+            found.append(f"{where}: {row['smem_bytes']} B of shared memory > {SMEM_PER_BLOCK[int(row['arch'])]}")
     return found
 
 

@@ -130,7 +130,7 @@ def test_all_configs_rows_give_the_prune_table_and_what_is_picked():
         _config_row("columns two-factor", (64, 32, 4, 2), 0, fits="yes"),
     ]
     codegen.mark_picked(rows)
-    assert [row["picked"] for row in rows] == ["no", "yes", "yes", "no", "yes"]
+    assert [row["picked"] for row in rows] == ["no", "no", "yes", "no", "yes"]  # 8 warps on 64 resident: slow
     assert [line.split(": ")[1] for line in codegen.problems(rows)] == []  # what spills is never picked
     assert codegen.verified_table(rows) == {
         (90, "columns", "bf16", 128, True): ((128, 64, 8, 2), (64, 64, 4, 2)),

@@ -148,15 +148,21 @@ def table_key(stage: str, args: dict, arch: int) -> tuple:
     )
 
 
-def select(configs: list, usable, tuned: bool) -> list:
+def crowded(stage: str, config: triton.Config) -> bool:
+    """8 warps on the column pass's 64 resident candidates: two warpgroups split its tiles, 2x the SASS."""
+    return stage.startswith("columns") and config.num_warps * 16 != config.kwargs["BLOCK_N"]
+
+
+def select(configs: list, usable, tuned: bool, stage: str = "") -> list:
     """The configs a kernel may run, of ``configs`` (in order) given which are ``usable``.
 
-    Tuned: every usable GPU config, else the first usable tiny one; untuned: the first usable
-    one. If none is usable, the last (smallest) config: the codegen report's ``--check`` fails then.
+    Tuned: every usable GPU config (not a :func:`crowded` one if another is left), else the
+    first usable tiny one; untuned: the first usable one. If none is usable, the last
+    (smallest) config: the codegen report's ``--check`` fails then.
     """
     kept = [c for c in configs if usable(c)]
     if tuned:
-        kept = [c for c in kept if c in GPU_CONFIGS] or kept[:1]
+        kept = [c for c in kept if c in GPU_CONFIGS and not crowded(stage, c)] or kept[:1]
     return kept[: None if tuned else 1] or [configs[-1]]
 
 
@@ -203,8 +209,8 @@ def pruner(stage: str, resident: str, score_tiles: int, tuned: bool):
         arch = current_arch()
         clean = verified.CLEAN.get(table_key(stage, args, arch))
         if clean is None:
-            return select(configs, lambda c: estimated_fit(c, args, arch, resident, score_tiles), tuned)
-        return select(configs, lambda c: shape(c) in clean, tuned)
+            return select(configs, lambda c: estimated_fit(c, args, arch, resident, score_tiles), tuned, stage)
+        return select(configs, lambda c: shape(c) in clean, tuned, stage)
 
     return prune
 
