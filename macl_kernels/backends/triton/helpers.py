@@ -20,29 +20,6 @@ NO_TILE = tl.constexpr(1 << 30)  # larger than any index: an empty range's start
 
 
 @triton.jit
-def load_tile(
-    ptr,
-    rows,
-    cols,
-    n_rows,
-    n_cols,
-    stride_row,
-    stride_col,
-    CHECK_ROWS: tl.constexpr = True,
-    EVEN_COLS: tl.constexpr = False,
-):
-    """The (len(rows), len(cols)) tile of a row-major-addressed matrix, zeros outside it."""
-    offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :] * stride_col
-    if CHECK_ROWS:
-        if EVEN_COLS:
-            return tl.load(ptr + offsets, mask=rows[:, None] < n_rows, other=0.0)
-        return tl.load(ptr + offsets, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
-    if EVEN_COLS:
-        return tl.load(ptr + offsets)
-    return tl.load(ptr + offsets, mask=cols[None, :] < n_cols, other=0.0)
-
-
-@triton.jit
 def store_tile(ptr, value, rows, cols, n_rows, n_cols, stride_row, stride_col):
     """Stores the tile in ptr's dtype (rounded to nearest), masked at the edges."""
     offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :] * stride_col
@@ -120,6 +97,12 @@ def load_at(ptrs, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, EVEN_COL
     if EVEN_COLS:
         return tl.load(ptrs)
     return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, n_rows, n_cols, stride_row, stride_col):
+    """The (len(rows), len(cols)) tile of a row-major-addressed matrix, zeros outside it."""
+    return load_at(tile_pointers(ptr, rows, cols, stride_row, stride_col), rows, cols, n_rows, n_cols, True, False)
 
 
 @triton.jit
