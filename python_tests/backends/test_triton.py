@@ -192,6 +192,41 @@ def test_forward_repairs_only_the_rows_the_fixed_shift_cannot_hold(product):
             assert_rel_close(out[1], torch.softmax(logits, dim=1) @ y, 1e-12, f"P y at tau={tau}")
 
 
+@needs_interpreter
+def test_row_op_takes_P_at_the_lse_it_is_given():
+    # With candidates the row op recomputes P y in the forward kernel; E is still exp(s / tau - lse) for the given lse.
+    x, y = _unit_rows(8, 5, 7), _unit_rows(6, 5, 8)
+    excluded = torch.full((8, 2), -1, dtype=torch.int32)
+    tau = torch.tensor(0.2, dtype=torch.float64)
+    h = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    lse = ops.negative_lse(x, y, excluded, tau, False)
+    dx = ops.negative_lse_rows(x, y, excluded, tau, lse, h, False)
+    assert_rel_close(dx, (h / tau)[:, None] * torch.softmax(x @ y.T / tau, dim=1) @ y, 1e-12, "dx")
+    assert_rel_close(ops.negative_lse_rows(x, y, excluded, tau, lse + 1.0, h, False), dx / torch.e, 1e-12, "dx")
+
+
+@needs_interpreter
+def test_forward_keeps_P_y_only_when_dx_will_be_needed(monkeypatch):
+    x, y = _unit_rows(8, 5, 7), _unit_rows(6, 5, 8)
+    excluded = torch.full((8, 2), -1, dtype=torch.int32)
+    tau = torch.tensor(0.2, dtype=torch.float64)
+    calls = []
+    real = ops.negative_lse_product
+    monkeypatch.setattr(ops, "negative_lse_product", lambda *args: calls.append(1) or real(*args))
+    leaves = [x.clone().requires_grad_(True), y.clone().requires_grad_(True)]
+    ops.differentiable_negative_lse(*leaves, excluded, tau, False).sum().backward()
+    assert calls == [1]
+    plain = [x.clone().requires_grad_(True), y.clone().requires_grad_(True)]
+    ops.negative_lse(*plain, excluded, tau, False).sum().backward()  # its backward recomputes P y
+    for got, expected in zip(leaves, plain):
+        assert_rel_close(got.grad, expected.grad, 1e-12, "gradient")
+    with torch.no_grad():
+        ops.differentiable_negative_lse(*leaves, excluded, tau, False)
+    ops.differentiable_negative_lse(x, leaves[1], excluded, tau, False)  # no dx: the plain forward
+    ops.differentiable_negative_lse(leaves[0], None, excluded, tau, False)  # ntxent: the symmetric pass
+    assert calls == [1]
+
+
 def test_shared_shift_gives_one_exp_only_within_the_spread():
     weight = torch.tensor([1.0, -0.5, 0.25, 0.5], dtype=torch.float64)
     shift, alpha = backward.shared_shift(torch.tensor([3.0, 50.0, 99.0, float("inf")], dtype=torch.float64), weight)
@@ -293,8 +328,9 @@ def _op_cases():
         "negative_lse cross": (ops.negative_lse, (leaf(x), leaf(y), cross, tau, False)),
         "negative_lse ntxent": (ops.negative_lse, (leaf(x), None, ntxent, tau, False)),
         "negative_lse product": (ops.negative_lse_product, (leaf(x), leaf(y), cross, tau, False)),
-        "rows symmetric": (ops.negative_lse_rows, (x, ntxent, tau, lse_ntxent, h, False)),
-        "rows from product": (ops.negative_lse_product_rows, (x, x.clone(), tau, h)),
+        "rows": (ops.negative_lse_rows, (x, y, cross, tau, lse_cross, h, False)),
+        "rows symmetric": (ops.negative_lse_rows, (x, None, ntxent, tau, lse_ntxent, h, False)),
+        "rows from product": (ops.negative_lse_product_rows, (x, lse_cross, x.clone(), tau, h)),
         "columns": (ops.negative_lse_columns, (x, y, cross, tau, lse_cross, h, False)),
         "normalize": (ops.normalize, (leaf(z0), leaf(z1))),
         "normalize backward": (

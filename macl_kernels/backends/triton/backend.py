@@ -62,4 +62,4 @@ class TritonBackend(Backend):
         return u0, u1, positive_cos
 
     def negative_lse(self, x, y, excluded, tau):
-        return ops.differentiable_lse(x, y, excluded, tau, fp32_dots_use_tf32())
+        return ops.differentiable_negative_lse(x, y, excluded, tau, fp32_dots_use_tf32())

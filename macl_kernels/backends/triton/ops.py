@@ -10,7 +10,7 @@ has no double backward.
 
 Two forward ops: ``negative_lse`` (the lse) and ``negative_lse_product`` (the lse and
 ``P y``, kept for the backward so that ``dx`` needs no pass over S);
-:func:`differentiable_lse` picks the second when ``dx`` will be needed.
+:func:`differentiable_negative_lse` picks the second when ``dx`` will be needed.
 
 No ``from __future__ import annotations`` here: the schemas are inferred from the
 annotations at runtime.
@@ -106,15 +106,25 @@ def _negative_lse_product(
 
 
 def _negative_lse_rows(
-    x: torch.Tensor, excluded: torch.Tensor, tau: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor, tf32: bool
+    x: torch.Tensor,
+    y: Optional[torch.Tensor],
+    excluded: torch.Tensor,
+    tau: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
+    tf32: bool,
 ) -> torch.Tensor:
-    return backward.backward_rows(x, excluded, tau, lse, grad_lse, tf32)
+    if y is None:  # anchors = candidates: (E + E^T) x in one symmetric pass
+        return backward.backward_rows(x, excluded, tau, lse, grad_lse, tf32)
+    # E y = (h / tau) P y, P y recomputed by the forward (the kernel that keeps it for the product op).
+    product_lse, product = forward.negative_lse_product_forward(x, y, excluded, tau, tf32)
+    return backward.rows_from_product(product_lse, product, lse, tau, grad_lse).to(x.dtype)
 
 
 def _negative_lse_product_rows(
-    x: torch.Tensor, product: torch.Tensor, tau: torch.Tensor, grad_lse: torch.Tensor
+    x: torch.Tensor, lse: torch.Tensor, product: torch.Tensor, tau: torch.Tensor, grad_lse: torch.Tensor
 ) -> torch.Tensor:
-    return backward.rows_from_product(product, tau, grad_lse, x.dtype)
+    return backward.rows_from_product(lse, product, lse, tau, grad_lse).to(x.dtype)
 
 
 def _negative_lse_columns(
@@ -148,12 +158,12 @@ def _(x, y, excluded, tau, tf32):
 
 
 @negative_lse_rows.register_fake
-def _(x, excluded, tau, lse, grad_lse, tf32):
+def _(x, y, excluded, tau, lse, grad_lse, tf32):
     return x.new_empty(x.shape)
 
 
 @negative_lse_product_rows.register_fake
-def _(x, product, tau, grad_lse):
+def _(x, lse, product, tau, grad_lse):
     return x.new_empty(x.shape)
 
 
@@ -171,12 +181,10 @@ def _negative_lse_setup(ctx, inputs, output):
 def _negative_lse_grad(ctx, grad_lse):
     x, y, excluded, tau, lse = ctx.saved_tensors
     if y is None:  # anchors = candidates: dx = (E + E^T) x in one symmetric row pass
-        return negative_lse_rows(x, excluded, tau, lse, grad_lse, ctx.tf32), None, None, None, None
+        return negative_lse_rows(x, None, excluded, tau, lse, grad_lse, ctx.tf32), None, None, None, None
     need_dx, need_dy = ctx.needs_input_grad[:2]
-    dx = None
-    if need_dx:  # not saved by this forward (see differentiable_lse): P y is recomputed
-        _, product = negative_lse_product(x, y, excluded, tau, ctx.tf32)
-        dx = negative_lse_product_rows(x, product, tau, grad_lse)
+    # P y was not kept by this forward (see differentiable_negative_lse): the row op recomputes it.
+    dx = negative_lse_rows(x, y, excluded, tau, lse, grad_lse, ctx.tf32) if need_dx else None
     dy = negative_lse_columns(x, y, excluded, tau, lse, grad_lse, ctx.tf32) if need_dy else None
     return dx, dy, None, None, None
 
@@ -195,7 +203,7 @@ def _negative_lse_product_setup(ctx, inputs, output):
 def _negative_lse_product_grad(ctx, grad_lse, _grad_product):
     x, y, excluded, tau, lse, product = ctx.saved_tensors
     need_dx, need_dy = ctx.needs_input_grad[:2]
-    dx = negative_lse_product_rows(x, product, tau, grad_lse) if need_dx else None  # no pass over S
+    dx = negative_lse_product_rows(x, lse, product, tau, grad_lse) if need_dx else None  # no pass over S
     dy = negative_lse_columns(x, y, excluded, tau, lse, grad_lse, ctx.tf32) if need_dy else None
     return dx, dy, None, None, None
 
@@ -203,7 +211,7 @@ def _negative_lse_product_grad(ctx, grad_lse, _grad_product):
 negative_lse_product.register_autograd(_negative_lse_product_grad, setup_context=_negative_lse_product_setup)
 
 
-def differentiable_lse(
+def differentiable_negative_lse(
     x: torch.Tensor, y: Optional[torch.Tensor], excluded: torch.Tensor, tau: torch.Tensor, tf32: bool
 ) -> torch.Tensor:
     """The lse with its gradient; when ``dx`` will be needed and ``y`` is given, the forward also keeps ``P y``.
