@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..._math import accumulation_dtype
-from .configs import SIZES, autotuned, block_d, dot_precision, fixed, size_class, tuned
+from .configs import SIZES, autotuned, chunk_of, fixed, size_class, tuned
 from .helpers import (
     LOG2E,
     bounds,
@@ -316,6 +316,11 @@ def shared_shift(lse2: torch.Tensor, weight: torch.Tensor):
     return torch.stack([low, one_exp]), alpha.contiguous()
 
 
+def _both_formulas(kernel, fallback, grid, args: dict, out: torch.Tensor) -> List[Launch]:
+    """Both launches run: one shift for all (``kernel``), else the one exits at once and ``fallback`` works."""
+    return [Launch(kernel, grid, dict(args, ONE_EXP=True), out), Launch(fallback, grid, dict(args, ONE_EXP=False), out)]
+
+
 def rows_launches(
     x: torch.Tensor, excluded: torch.Tensor, tau: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor, tf32: bool
 ) -> List[Launch]:
@@ -346,15 +351,10 @@ def rows_launches(
         ROWS_CLASS=size_class(m),
         COLS_CLASS=size_class(m),
         TF32=bool(tf32),
-        BLOCK_D=block_d(d, x.element_size(), gradient=True, split=dot_precision(x.dtype, tf32) == "tf32x3"),
+        BLOCK_D=chunk_of(x, tf32, gradient=True),
     )
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-    kernel = rows_tuned if autotuned(m, m, x.dtype) else rows_fixed
-    # Both launches run; the one whose formula the spread does not allow exits at once.
-    return [
-        Launch(kernel, grid, dict(args, ONE_EXP=True), out),
-        Launch(rows_fixed, grid, dict(args, ONE_EXP=False), out),
-    ]
+    return _both_formulas(rows_tuned if autotuned(m, m, x.dtype) else rows_fixed, rows_fixed, grid, args, out)
 
 
 def backward_rows(
@@ -405,15 +405,11 @@ def columns_launches(
         ROWS_CLASS=size_class(m),
         COLS_CLASS=size_class(c),
         TF32=bool(tf32),
-        BLOCK_D=block_d(d, x.element_size(), gradient=True, split=dot_precision(x.dtype, tf32) == "tf32x3"),
+        BLOCK_D=chunk_of(x, tf32, gradient=True),
     )
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     kernel = columns_tuned if autotuned(m, c, x.dtype) else columns_fixed
-    # Both launches run; the one whose formula the spread does not allow exits at once.
-    return [
-        Launch(kernel, grid, dict(args, ONE_EXP=True), out),
-        Launch(columns_fixed, grid, dict(args, ONE_EXP=False), out),
-    ]
+    return _both_formulas(kernel, columns_fixed, grid, args, out)
 
 
 def backward_columns(

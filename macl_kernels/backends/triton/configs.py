@@ -7,8 +7,9 @@ and the autotuner only picks the anchor/candidate tile and the pipeline depth.
 
 Compilation time is budgeted too (a GPU session has minutes): only tensor-core
 dots (fp16, bf16, fp32 as TF32 or tf32x3) at sizes above ``SMALL_PROBLEM`` are
-autotuned, over the configs the prune hook keeps. fp64 dots run on the FMA units
-and, like small problems, use one 64 x 64 tile; the interpreter uses one tile as well.
+autotuned, over the configs the prune hook keeps. fp64 dots (DMMA) and small
+problems use one tile: the small one, or the first tiny one that compiles clean
+(the prune hook's table, :mod:`.verified`); the interpreter uses one tile as well.
 The shape-derived flags (dot precision, one chunk or several, D a multiple of the
 chunk) are ``triton.heuristics``.
 """
@@ -252,6 +253,12 @@ def block_d(d: int, itemsize: int, gradient: bool = False, split: bool = False) 
     if split:
         widest = min(widest, MAX_SPLIT_BLOCK_D)
     return max(MIN_BLOCK_D, min(triton.next_power_of_2(d), widest))
+
+
+def chunk_of(x: torch.Tensor, tf32: bool, gradient: bool = False) -> int:
+    """:func:`block_d` for the kernels reading ``x`` with the dots ``tf32`` implies."""
+    split = dot_precision(x.dtype, tf32) == "tf32x3"
+    return block_d(x.shape[1], x.element_size(), gradient=gradient, split=split)
 
 
 def autotuned(rows: int, cols: int, dtype: torch.dtype) -> bool:

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ..._math import accumulation_dtype
-from .configs import SIZES, autotuned, block_d, dot_precision, fixed, size_class, tuned
+from .configs import SIZES, autotuned, chunk_of, fixed, size_class, tuned
 from .helpers import (
     LN2,
     LOG2E,
@@ -228,7 +228,7 @@ def forward_launches(
         COLS_CLASS=size_class(c),
         TF32=bool(tf32),
         WITH_PRODUCT=product,
-        BLOCK_D=block_d(d, x.element_size(), gradient=product, split=dot_precision(x.dtype, tf32) == "tf32x3"),
+        BLOCK_D=chunk_of(x, tf32, gradient=product),
     )
     chunks = triton.cdiv(d, args["BLOCK_D"]) if product else 1
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), chunks)  # noqa: E731
