@@ -1,16 +1,26 @@
 """The codegen report: what the GPU kernels compile to on sm_90 / sm_80, read without a GPU.
 
     python -m benchmarks.codegen --arch 90 [--arch 80] [--out DIR] [--check] [--subset all|check]
+    python -m benchmarks.codegen --arch 90 --arch 80 --all-configs --out DIR   # then:
+    python -m benchmarks.codegen --write-table macl_kernels/backends/triton/verified.py --from-csv DIR/codegen.csv
 
-Triton kernels: every kernel x every config the autotuner may pick (after its prune
-hook) x dtype (bf16, fp16, fp32 with TF32 dots, fp32 by default, fp64) x D class
-(64, 128, 256, 1024) x layout variant, compiled ahead of time through the JIT's own
-path: the host code builds each launch's arguments (``*_launch`` in
-macl_kernels/backends/triton) on meta tensors, and the autotuned kernel's
-``warmup`` compiles them while a stand-in Triton driver reports
+Triton kernels: every kernel launch (the fallback launches included) x every config the
+autotuner may pick (after its prune hook) x dtype (bf16, fp16, fp32 with TF32 dots,
+fp32 by default (tf32x3), fp64) x D class (64, 128, 256, 1024) x layout, compiled
+ahead of time through the JIT's own path: the host code builds each launch's arguments
+(``*_launches`` in macl_kernels/backends/triton) on meta tensors, and the autotuned
+kernel's ``warmup`` compiles them while a stand-in Triton driver reports
 ``GPUTarget("cuda", arch, 32)``, so heuristics, the prune hook and the argument
 specialization are exactly those of a launch. Compiled kernels are cached by Triton
 under ``--cache`` (keyed by source, options and target), SASS analyses beside them.
+
+The prune hook keeps the configs its table (macl_kernels/backends/triton/verified.py)
+lists as compiling without spills and fitting. ``--all-configs`` compiles every
+config instead (the GPU configs of the tuned kernels, then the tiny ones in order
+until one is clean; the small config then the tiny ones for the untuned kernels),
+marks in ``picked`` which the prune hook would keep, and ``--write-table`` turns such
+CSVs into the table: regenerate it whenever a kernel changes (``make codegen``
+fails when the table no longer holds).
 
 CUDA extension: every kernel of the built ``macl_kernels/_C*.so`` (``cuobjdump``).
 
@@ -20,9 +30,9 @@ Per compiled kernel: ``mma`` (wgmma / mma.sync / fma, from the PTX or SASS),
 bytes (local-memory stores and loads in the SASS), ``fits`` (shared memory within
 the architecture's per-block limit) and the innermost tile loop's SASS instructions
 and MUFU operations per score element per thread (how the loop is found:
-:mod:`benchmarks.sass`). ``--check`` exits 1 when a kernel spills or does not fit;
-``make codegen`` runs it on the ``check`` subset (bf16/fp16 D <= 256, TF32 D <= 128,
-sm_90). Writes ``codegen.csv`` and ``codegen.md`` to ``--out``.
+:mod:`benchmarks.sass`). ``--check`` exits 1 when a picked config spills or does not
+fit; ``make codegen`` runs it on the ``check`` subset (bf16/fp16 D <= 256, TF32
+D <= 128, sm_90). Writes ``codegen.csv`` and ``codegen.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Dict, Iterator, List, Optional
 
@@ -82,6 +93,7 @@ COLUMNS = [
     "sass_per_element",
     "mufu_per_element",
     "sass_per_element_max",
+    "picked",
     "top_opcodes",
 ]
 # CUDA kernels: score elements each thread handles per iteration of the innermost exp loop, by
@@ -145,15 +157,30 @@ def target_driver(arch: int) -> Iterator[None]:
         driver._active = before
 
 
-def compile_launch(launch, arch: int) -> list:
-    """The CompiledKernel of every config the launch may run (all those the prune hook keeps)."""
-    with target_driver(arch):
-        compiled = launch.kernel.warmup(grid=(1,), **launch.args)
+def compile_launch(launch, arch: int, configs=None) -> list:
+    """The CompiledKernel of every config the launch may run (those the prune hook keeps), or of ``configs``."""
+    kernel = launch.kernel
+    if configs is None or not hasattr(kernel, "configs"):  # a plain jit kernel has one config
+        with target_driver(arch):
+            compiled = kernel.warmup(grid=(1,), **launch.args)
+        return compiled if isinstance(compiled, list) else [compiled]
+    saved = kernel.configs, kernel.early_config_prune
+    kernel.configs, kernel.early_config_prune = configs, None  # these configs exactly: no pruning
+    try:
+        with target_driver(arch):
+            compiled = kernel.warmup(grid=(1,), **launch.args)
+    finally:
+        kernel.configs, kernel.early_config_prune = saved
     return compiled if isinstance(compiled, list) else [compiled]
 
 
-def launches(dtype: torch.dtype, tf32: bool, d: int, rows: int) -> Dict[tuple, object]:
-    """(kernel, layout) -> Launch of every Triton kernel for one problem, on meta tensors."""
+def launches(dtype: torch.dtype, tf32: bool, d: int, rows: int) -> List[tuple]:
+    """(stage, layout, Launch) of every Triton kernel launch for one problem, on meta tensors.
+
+    The forward's repair launch and the backward passes' launches for a wide lse spread
+    (macl_kernels/backends/triton) are kernels of their own: their rows are named by
+    :func:`configs.variant` ("forward online", "backward two-exp", ...).
+    """
     from macl_kernels._math import accumulation_dtype
     from macl_kernels.backends.triton import backward, forward, prologue
 
@@ -164,17 +191,23 @@ def launches(dtype: torch.dtype, tf32: bool, d: int, rows: int) -> Dict[tuple, o
     tau = torch.empty((), dtype=acc, **meta)
     lse = torch.empty(rows, dtype=acc, **meta)
     grad = torch.empty(rows, dtype=acc, **meta)
-    found = {
-        ("forward", "ntxent"): forward.forward_launch(x, None, excluded, tau, tf32),
-        ("backward", "ntxent"): backward.rows_launch(x, None, excluded, tau, lse, grad, tf32),
-        ("forward", "cross"): forward.forward_launch(x, x, excluded, tau, tf32),
-        ("rows", "cross"): backward.rows_launch(x, x, excluded, tau, lse, grad, tf32),
-        ("columns", "cross"): backward.columns_launch(x, x, excluded, tau, lse, grad, tf32),
-    }
+    stages = [
+        ("forward", "ntxent", forward.forward_launches(x, None, excluded, tau, tf32, product=False)),
+        ("backward", "ntxent", backward.rows_launches(x, excluded, tau, lse, grad, tf32)),
+        ("forward", "cross", forward.forward_launches(x, x, excluded, tau, tf32, product=True)),
+        ("columns", "cross", backward.columns_launches(x, x, excluded, tau, lse, grad, tf32)),
+    ]
+    found = [(stage, layout, launch) for stage, layout, stage_launches in stages for launch in stage_launches]
     if not tf32:  # the prologue has no dots
-        found[("normalize", "-")] = prologue.normalize_launch(x, x)
-        found[("normalize_backward", "-")] = prologue.normalize_backward_launch(x, x, lse, lse, x, x, grad)
+        found.append(("normalize", "-", prologue.normalize_launch(x, x)))
+        found.append(("normalize_backward", "-", prologue.normalize_backward_launch(x, x, lse, lse, x, x, grad)))
     return found
+
+
+def kernel_name(stage: str, launch) -> str:
+    from macl_kernels.backends.triton import configs
+
+    return configs.variant(stage, launch.args) if stage in ("forward", "backward", "columns") else stage
 
 
 def _constants(compiled) -> Dict[str, object]:
@@ -231,10 +264,33 @@ def triton_row(kernel: str, layout: str, arch: int, dtype: str, d: int, compiled
         "smem_bytes": smem,
         "fits": "yes" if smem <= SMEM_PER_BLOCK[arch] else "no",
         **sass.per_element(sass.tile_loops(function, trips), elements),
+        "picked": "yes",  # ``--all-configs`` sets it from what compiled clean
     }
 
 
-def triton_rows(archs: List[int], subset: Dict[str, int], widths, cache: str, log) -> List[dict]:
+def candidates(launch) -> tuple:
+    """(configs to compile first, configs to try in order until one is clean) for ``--all-configs``."""
+    from macl_kernels.backends.triton import configs
+
+    if launch.kernel.configs == configs.GPU_TUNED_CONFIGS:
+        return configs.GPU_CONFIGS, configs.TINY_CONFIGS
+    return [], configs.GPU_FIXED_CONFIGS
+
+
+def clean(row: dict) -> bool:
+    return int(row["spill_bytes"]) == 0 and row["fits"] == "yes"
+
+
+def triton_rows(
+    archs: List[int], subset: Dict[str, int], widths, cache: str, log, all_configs: bool = False
+) -> List[dict]:
+    """One row per compiled kernel: the configs the prune hook keeps or, ``all_configs``, every config tried.
+
+    ``all_configs`` compiles every tuned GPU config, then the tiny ones in order until one is
+    clean (untuned kernels: the small config, then the tiny ones); the rows get ``picked``
+    from :func:`configs.select` over what compiled clean, as the prune hook would with the
+    table written from them.
+    """
     os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
     cases = [
         (arch, name, d, problem)
@@ -247,15 +303,110 @@ def triton_rows(archs: List[int], subset: Dict[str, int], widths, cache: str, lo
     rows, seen = [], set()
     for arch, name, d, problem in cases:
         dtype, tf32 = DTYPES[name]
-        for (kernel, layout), launch in launches(dtype, tf32, d, problem).items():
+        for stage, layout, launch in launches(dtype, tf32, d, problem):
+            kernel = kernel_name(stage, launch)
             started = time.time()
-            for compiled in compile_launch(launch, arch):
-                key = (kernel, layout, arch, name, d, compiled.hash)
+            if all_configs and stage in ("forward", "backward", "columns"):
+                compiled = configs_tried(launch, arch, cache)
+            else:
+                compiled = compile_launch(launch, arch)
+            for one in compiled:
+                row = triton_row(kernel, layout, arch, name, d, one, cache)
+                key = (kernel, layout, arch, name, d, row["block_m"], row["block_n"], row["warps"], row["stages"])
                 if key not in seen:  # the small problem's tile is often one of the tuned ones
                     seen.add(key)
-                    rows.append(triton_row(kernel, layout, arch, name, d, compiled, cache))
+                    rows.append(row)
             log(f"sm_{arch} {name} D={d} {kernel} {layout} rows={problem}: {time.time() - started:.1f} s")
+    if all_configs:
+        mark_picked(rows)
     return rows
+
+
+def configs_tried(launch, arch: int, cache: str) -> list:
+    """The CompiledKernel of every config ``--all-configs`` compiles for one launch (see :func:`triton_rows`)."""
+    first, in_order = candidates(launch)
+    found = [compiled for config in first for compiled in compile_launch(launch, arch, [config])]
+    if not any(spill_free(compiled, arch, cache) for compiled in found):
+        for config in in_order:
+            found += compile_launch(launch, arch, [config])
+            if spill_free(found[-1], arch, cache):
+                break
+    return found
+
+
+def spill_free(compiled, arch: int, cache: str) -> bool:
+    """No spills and shared memory within the block limit, as the report's row says."""
+    found = analyze_cubin(compiled.asm["cubin"], cache)
+    (function,) = sass.parse_sass(found["sass"])
+    (usage,) = sass.parse_res_usage(found["res_usage"])
+    smem = max(compiled.metadata.shared, usage["shared"])
+    return sass.spill_bytes(function) == 0 and smem <= SMEM_PER_BLOCK[arch]
+
+
+def mark_picked(rows: List[dict]) -> None:
+    """The ``picked`` column of ``--all-configs`` rows: what the prune hook keeps given the clean ones."""
+    from macl_kernels.backends.triton import configs
+
+    groups: Dict[tuple, List[dict]] = {}
+    for row in rows:
+        if row["block_m"] != "":  # the prologue's kernels have one fixed config
+            groups.setdefault(tuple(row[c] for c in ("kernel", "layout", "arch", "dtype", "d")), []).append(row)
+    for members in groups.values():
+        by_shape = {tuple(int(r[c]) for c in ("block_m", "block_n", "warps", "stages")): r for r in members}
+        clean_shapes = {shape for shape, row in by_shape.items() if clean(row)}
+
+        def usable(config, clean_shapes=clean_shapes):
+            return configs.shape(config) in clean_shapes
+
+        # Every variant runs untuned (small problems, fallbacks); those with more GPU configs also tuned.
+        picked = {configs.shape(c) for c in configs.select(configs.GPU_FIXED_CONFIGS, usable, tuned=False)}
+        if any(configs.shape(c) in by_shape for c in configs.GPU_CONFIGS if c is not configs.SMALL_CONFIG):
+            chosen = configs.select(configs.GPU_TUNED_CONFIGS, usable, tuned=True, stage=members[0]["kernel"])
+            picked |= {configs.shape(c) for c in chosen}
+        for shape, row in by_shape.items():
+            row["picked"] = "yes" if shape in picked else "no"
+
+
+def verified_table(rows: List[dict]) -> Dict[tuple, tuple]:
+    """The prune hook's table (macl_kernels/backends/triton/verified.py) from ``--all-configs`` rows."""
+    table: Dict[tuple, set] = {}
+    for row in rows:
+        if row["block_m"] == "":  # the prologue's and the CUDA extension's kernels: not pruned
+            continue
+        arch, d, block_d = int(row["arch"]), int(row["d"]), int(row["block_d"])
+        key = (arch, row["kernel"], row["dtype"], block_d, d > block_d)
+        shapes = table.setdefault(key, set())
+        if clean(row):
+            shapes.add((int(row["block_m"]), int(row["block_n"]), int(row["warps"]), int(row["stages"])))
+    return {key: tuple(sorted(shapes, reverse=True)) for key, shapes in sorted(table.items())}
+
+
+def write_table(table: Dict[tuple, tuple], path: str, command: str) -> None:
+    import triton
+
+    lines = [
+        '"""The configs that compile without spilling and fit, per target: the prune hook\'s table (configs.pruner).',
+        "",
+        "Generated by",
+        *textwrap.wrap(f"``{command}``", 110, break_long_words=False, break_on_hyphens=False),
+        f"(triton {triton.__version__}, {time.strftime('%Y-%m-%d')}); do not edit.",
+        "Key: (arch, kernel variant, dtype, BLOCK_D, D walked in chunks); value: (BLOCK_M, BLOCK_N, warps, stages).",
+        '"""',
+        "",
+        f'TRITON = "{triton.__version__}"',
+        "CLEAN: dict = {",
+    ]
+    for key, shapes in table.items():
+        name = ", ".join(f'"{part}"' if isinstance(part, str) else str(part) for part in key)
+        value = f"({shapes[0]},)" if len(shapes) == 1 else f"({', '.join(map(str, shapes))})"
+        line = f"    ({name}): {value},"
+        if len(line) <= 120:
+            lines.append(line)
+        else:  # as ruff formats it: one config per line
+            lines += [f"    ({name}): ("] + [f"        {shape}," for shape in shapes] + ["    ),"]
+    lines.append("}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 CUDA_TYPES = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32", "double": "fp64"}
@@ -310,21 +461,24 @@ def cuda_rows(library: str, archs: List[int]) -> List[dict]:
                 "smem_bytes": smem,
                 "fits": "" if smem == "" else ("yes" if smem <= SMEM_PER_BLOCK[arch] else "no"),
                 **columns,
+                "picked": "yes",
             }
         )
     return rows
 
 
 def problems(rows: List[dict]) -> List[str]:
-    """What --check fails on: spills, or shared memory over the block limit."""
+    """What --check fails on: a config the kernels may pick that spills, or needs shared memory over the block limit."""
     found = []
     for row in rows:
+        if row.get("picked") == "no":  # --all-configs: compiled, but the prune hook does not keep it
+            continue
         where = f"{row['kernel']} {row['layout']} sm_{row['arch']} {row['dtype']} D={row['d']} "
         where += f"{row['block_m']}x{row['block_n']} w{row['warps']} s{row['stages']}"
-        if row["spill_bytes"]:
+        if int(row["spill_bytes"] or 0):
             found.append(f"{where}: {row['spill_bytes']} spill bytes")
         if row["fits"] == "no":
-            found.append(f"{where}: {row['smem_bytes']} B of shared memory > {SMEM_PER_BLOCK[row['arch']]}")
+            found.append(f"{where}: {row['smem_bytes']} B of shared memory > {SMEM_PER_BLOCK[int(row['arch'])]}")
     return found
 
 
@@ -410,7 +564,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA extension's kernels")
     parser.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or does not fit")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE_CSV", "AFTER_CSV"), help="only write compare.md")
+    parser.add_argument(
+        "--all-configs", action="store_true", help="compile every config, not only those the prune hook keeps"
+    )
+    parser.add_argument("--write-table", metavar="PATH", help="write the prune hook's table (with --all-configs)")
+    parser.add_argument("--from-csv", nargs="+", metavar="CSV", help="write the table from these --all-configs CSVs")
     args = parser.parse_args(argv)
+    if args.write_table and args.from_csv:
+        command = f"python -m benchmarks.codegen {' '.join(argv if argv is not None else sys.argv[1:])}"
+        write_table(
+            verified_table([row for path in args.from_csv for row in read_csv(path)]), args.write_table, command
+        )
+        return 0
     if args.compare:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "compare.md"), "w") as f:
@@ -425,7 +590,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dtype:
         subset = {name: largest for name, largest in subset.items() if name in args.dtype}
     started = time.time()
-    rows = triton_rows(archs, subset, args.d or D_CLASSES, args.cache, log=lambda line: print(line, file=sys.stderr))
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    rows = triton_rows(archs, subset, args.d or D_CLASSES, args.cache, log, all_configs=args.all_configs)
+    command = f"python -m benchmarks.codegen {' '.join(argv if argv is not None else sys.argv[1:])}"
+    if args.write_table:
+        write_table(verified_table(rows), args.write_table, command)
     libraries = sorted(glob.glob(os.path.join(ROOT, "macl_kernels", "_C*.so")))
     if not args.no_cuda and libraries:
         rows += [r for r in cuda_rows(libraries[0], archs) if r["dtype"] in subset]
@@ -434,7 +603,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import triton
 
     header = (
-        f"# Codegen report\n\n`python -m benchmarks.codegen {' '.join(argv if argv is not None else sys.argv[1:])}`"
+        f"# Codegen report\n\n`{command}`"
         f" (triton {triton.__version__}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
         f"{time.time() - started:.0f} s). Columns: benchmarks/codegen.py."
     )

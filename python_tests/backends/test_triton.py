@@ -11,12 +11,14 @@ import os
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 import macl_kernels as mk
 from macl_kernels.backends import torch_chunked
 from macl_kernels.backends import triton as triton_backend
 from macl_kernels.backends.triton import backend as backend_module
-from macl_kernels.backends.triton import backward, configs, forward, ops, prologue
+from macl_kernels.backends.triton import backward, configs, forward, helpers, ops, prologue
+from macl_kernels.backends.triton.launch import Launch
 from macl_kernels.testing import LAYOUTS, assert_matches_reference, assert_rel_close, make_views
 
 INTERPRETED = configs.INTERPRET and not torch.cuda.is_available()
@@ -60,16 +62,44 @@ def test_only_tensor_core_dots_at_large_sizes_are_autotuned():
     assert not configs.autotuned(big // 1024 - 1, 1024, torch.bfloat16)  # small problem
 
 
-def test_prune_hook_keeps_configs_that_fit_and_do_not_spill(monkeypatch):
-    monkeypatch.setattr(configs, "shared_memory_limit", lambda: 163 * 1024)  # sm_80
+def test_prune_hook_keeps_the_configs_the_table_verified(monkeypatch):
+    monkeypatch.setattr(configs, "current_arch", lambda: 90)
+    gpu, tiny = configs.GPU_CONFIGS, configs.TINY_CONFIGS  # gpu[4] is the small config
+    x = torch.empty(1, 256, dtype=torch.bfloat16)
+    args = dict(x_ptr=x, TF32=False, BLOCK_D=128, D=256, ONE_EXP=True)
+    key = (90, "columns", "bf16", 128, True)  # D = 256 walked in two 128-wide chunks
+    monkeypatch.setitem(configs.verified.CLEAN, key, (configs.shape(gpu[3]), configs.shape(tiny[1])))
+    tuned = configs.pruner("columns", "BLOCK_N", 2, tuned=True)
+    untuned = configs.pruner("columns", "BLOCK_N", 2, tuned=False)
+    assert tuned(configs.GPU_CONFIGS + tiny, {}, **args) == [gpu[3]]  # tiny ones only if no GPU config is clean
+    assert untuned([gpu[4]] + tiny, {}, **args) == [tiny[1]]  # the small config spills: the first clean tiny one
+    # Nothing clean: the smallest config, which the codegen report's --check then flags.
+    monkeypatch.setitem(configs.verified.CLEAN, key, ())
+    assert tuned(configs.GPU_CONFIGS + tiny, {}, **args) == [tiny[-1]]
+    # The variant and dtype are part of the key: the launch with two factors per score is another kernel.
+    assert configs.table_key("columns", dict(args, ONE_EXP=False), 80) == (80, "columns two-factor", "bf16", 128, True)
+    fp32 = dict(args, x_ptr=torch.empty(1, 1), TF32=True, WITH_PRODUCT=True, ONLINE=True)
+    assert configs.table_key("forward", fp32, 90) == (90, "forward+product online", "tf32", 128, True)
+
+
+def test_verified_table_has_a_clean_config_for_every_kernel_on_sm80_and_sm90():
+    # An empty entry would leave the kernel a spilling config; the codegen report regenerates the table.
+    assert {key[0] for key in configs.verified.CLEAN} == {80, 90}
+    assert all(configs.verified.CLEAN.values())
+    dtypes = {key[2] for key in configs.verified.CLEAN}
+    assert dtypes == {"bf16", "fp16", "tf32", "fp32", "fp64"}
+
+
+def test_prune_hook_estimates_for_targets_without_a_table(monkeypatch):
+    monkeypatch.setattr(configs, "current_arch", lambda: 89)  # not in the table: 99 KiB of shared memory
     gpu = configs.GPU_CONFIGS  # 128x64 w4 s3, 64x128 w4 s3, 128x128 w8 s3, 128x64 w8 s2, 64x64 w4 s2
     x = torch.empty(1, 256, dtype=torch.bfloat16)
-    # Forward at D = 256: the 3-stage 128-wide candidate tiles overflow 163 KiB.
-    assert configs.pruner("BLOCK_M", 0)(gpu, {}, x_ptr=x, BLOCK_D=256, D=256) == [gpu[0], gpu[3], gpu[4]]
-    # Row pass at D = 128: 4 warps on a 128-row resident tile spill.
-    assert configs.pruner("BLOCK_M", 1)(gpu, {}, x_ptr=x, BLOCK_D=128, D=128) == gpu[1:]
-    # Column pass (two live score tiles, the candidates resident): only the small tile is left.
-    assert configs.pruner("BLOCK_N", 2)(gpu, {}, x_ptr=x, BLOCK_D=128, D=128) == [gpu[4]]
+    forward = configs.pruner("forward", "BLOCK_M", 0, tuned=True)
+    # Forward at D = 128: the 3-stage 128-wide candidate tiles and the 128 x 128 tile overflow 99 KiB.
+    assert forward(gpu, {}, x_ptr=x, TF32=False, BLOCK_D=128, D=128) == [gpu[0], gpu[3], gpu[4]]
+    # Row pass at D = 128: one warpgroup per 64 resident rows, and 3 stages of 128-wide tiles do not fit.
+    rows = configs.pruner("backward", "BLOCK_M", 1, tuned=True)
+    assert rows(gpu, {}, x_ptr=x, TF32=False, BLOCK_D=128, D=128, ONE_EXP=True) == [gpu[3], gpu[4]]
 
 
 def test_fp32_dots_are_tf32x3_unless_tf32_is_allowed():
@@ -78,11 +108,37 @@ def test_fp32_dots_are_tf32x3_unless_tf32_is_allowed():
     assert configs.dot_precision(torch.float64, True) == "ieee"
 
 
+@triton.jit
+def _tf32_parts_kernel(x_ptr, hi_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(hi_ptr + offsets, helpers.tf32_part(tl.load(x_ptr + offsets)))
+
+
+@needs_interpreter
+def test_tf32x3_split_is_exact():
+    # On GPUs tf32x3 dots split each operand into hi (exact in TF32) + lo (their exact fp32 difference).
+    g = torch.Generator().manual_seed(12)
+    x = torch.cat(
+        [torch.randn(1020, generator=g) * 10.0 ** torch.randint(-30, 30, (1020,), generator=g), torch.zeros(4)]
+    )
+    x[-3:] = torch.tensor([1.0 + 2.0**-11, -(1.0 + 3 * 2.0**-11), 2.0 - 2.0**-20])  # ties round away; carries
+    hi = torch.empty_like(x)
+    _tf32_parts_kernel[(1,)](x, hi, N=1024)
+    assert (hi.view(torch.int32) & 0x1FFF == 0).all()  # 10 mantissa bits left
+    assert ((x - hi).abs() <= x.abs() * 2.0**-11).all()  # to nearest
+    assert hi[-3:].tolist() == [1.0 + 2.0**-10, -(1.0 + 2 * 2.0**-10), 2.0]
+
+
 @pytest.fixture
 def tiny_tiles(monkeypatch):
     """16 x 16 tiles and 16-wide embedding chunks: every block edge and the chunked-D path are hit."""
     tile = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
-    for kernel in (forward.negative_lse_fixed, backward.rows_fixed, backward.columns_fixed):
+    for kernel in (
+        forward.negative_lse_fixed,
+        forward.negative_lse_product_fixed,
+        backward.rows_fixed,
+        backward.columns_fixed,
+    ):
         monkeypatch.setattr(kernel, "configs", [tile])
     monkeypatch.setattr(configs, "MAX_BLOCK_D", 16)
     monkeypatch.setattr(configs, "MIN_BLOCK_D", 16)
@@ -122,6 +178,82 @@ def test_fp16_column_pass_keeps_tiny_weights():
     y64 = y.clone().requires_grad_(True)
     torch_chunked.TorchBackend().negative_lse(x, y64, excluded, tau.double()).mul(h.double()).sum().backward()
     assert_rel_close(dy, y64.grad, 2e-3, "dy")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("product", [False, True], ids=["lse", "lse and P y"])
+def test_forward_repairs_only_the_rows_the_fixed_shift_cannot_hold(product):
+    # The fixed shift (the logit of s = 1) holds every row at tau = 0.5; at tau = 0.005 these rows' sums
+    # fall below 2^-60, the first launch marks them NaN and the repair launch recomputes them.
+    x, y = _unit_rows(12, 8, 1), _unit_rows(10, 8, 2)
+    excluded = torch.full((12, 2), -1, dtype=torch.int32)
+    for tau, repaired in ((0.5, False), (0.005, True)):
+        launches = forward.forward_launches(x, y, excluded, torch.tensor(tau, dtype=torch.float64), False, product)
+        assert bool(launches[0].run().isnan().any()) == repaired
+        out = Launch.run_all(launches)
+        logits = x @ y.T / tau
+        assert_rel_close(out[0] if product else out, torch.logsumexp(logits, dim=1), 1e-12, f"lse at tau={tau}")
+        if product:
+            assert_rel_close(out[1], torch.softmax(logits, dim=1) @ y, 1e-12, f"P y at tau={tau}")
+
+
+@needs_interpreter
+def test_row_op_takes_P_at_the_lse_it_is_given():
+    # With candidates the row op recomputes P y in the forward kernel; E is still exp(s / tau - lse) for the given lse.
+    x, y = _unit_rows(8, 5, 7), _unit_rows(6, 5, 8)
+    excluded = torch.full((8, 2), -1, dtype=torch.int32)
+    tau = torch.tensor(0.2, dtype=torch.float64)
+    h = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    lse = ops.negative_lse(x, y, excluded, tau, False)
+    dx = ops.negative_lse_rows(x, y, excluded, tau, lse, h, False)
+    assert_rel_close(dx, (h / tau)[:, None] * torch.softmax(x @ y.T / tau, dim=1) @ y, 1e-12, "dx")
+    assert_rel_close(ops.negative_lse_rows(x, y, excluded, tau, lse + 1.0, h, False), dx / torch.e, 1e-12, "dx")
+
+
+@needs_interpreter
+def test_forward_keeps_P_y_only_when_dx_will_be_needed(monkeypatch):
+    x, y = _unit_rows(8, 5, 7), _unit_rows(6, 5, 8)
+    excluded = torch.full((8, 2), -1, dtype=torch.int32)
+    tau = torch.tensor(0.2, dtype=torch.float64)
+    calls = []
+    real = ops.negative_lse_product
+    monkeypatch.setattr(ops, "negative_lse_product", lambda *args: calls.append(1) or real(*args))
+    leaves = [x.clone().requires_grad_(True), y.clone().requires_grad_(True)]
+    ops.differentiable_negative_lse(*leaves, excluded, tau, False).sum().backward()
+    assert calls == [1]
+    plain = [x.clone().requires_grad_(True), y.clone().requires_grad_(True)]
+    ops.negative_lse(*plain, excluded, tau, False).sum().backward()  # its backward recomputes P y
+    for got, expected in zip(leaves, plain):
+        assert_rel_close(got.grad, expected.grad, 1e-12, "gradient")
+    with torch.no_grad():
+        ops.differentiable_negative_lse(*leaves, excluded, tau, False)
+    ops.differentiable_negative_lse(x, leaves[1], excluded, tau, False)  # no dx: the plain forward
+    ops.differentiable_negative_lse(leaves[0], None, excluded, tau, False)  # ntxent: the symmetric pass
+    assert calls == [1]
+
+
+def test_shared_shift_gives_one_exp_only_within_the_spread():
+    weight = torch.tensor([1.0, -0.5, 0.25, 0.5], dtype=torch.float64)
+    shift, alpha = backward.shared_shift(torch.tensor([3.0, 50.0, 99.0, float("inf")], dtype=torch.float64), weight)
+    assert shift.tolist() == [3.0, 1.0]  # shift = the smallest finite lse2; a spread of 96 still takes one exp
+    assert alpha.tolist() == [1.0, -0.5 * 2.0**-47, 0.25 * 2.0**-96, 0.0]  # no negatives (lse2 = inf): 0
+    shift, _ = backward.shared_shift(torch.tensor([3.0, 99.5], dtype=torch.float64), weight[:2])
+    assert shift.tolist() == [3.0, 0.0]
+
+
+@needs_interpreter
+def test_symmetric_backward_is_exact_with_one_exp_and_with_two():
+    x = _unit_rows(8, 6, 3)
+    excluded = layout_exclusions("ntxent", 4, "cpu")
+    h = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) - 0.3
+    for tau, one_exp in ((0.3, True), (0.002, False)):  # at 0.002 the lse spread over the rows is far above 96
+        tau = torch.tensor(tau, dtype=torch.float64)
+        lse = ops.negative_lse(x, None, excluded, tau, False)
+        launches = backward.rows_launches(x, excluded, tau, lse, h, False)
+        assert bool(launches[0].args["shift_ptr"][1]) == one_exp
+        x64 = x.clone().requires_grad_(True)
+        torch_chunked.TorchBackend().negative_lse(x64, None, excluded, tau).mul(h).sum().backward()
+        assert_rel_close(Launch.run_all(launches), x64.grad, 1e-10, f"dx at tau={float(tau)}")
 
 
 def _unit_rows(rows, d, seed, dtype=torch.float64):

@@ -108,12 +108,18 @@ def test_opcheck_of_the_triton_ops():
     excluded = layout_exclusions("ntxent", 20, DEVICE)
     tau = torch.tensor(0.1, device=DEVICE)
     torch.library.opcheck(ops.negative_lse, (x.clone().requires_grad_(True), None, excluded, tau, False))
+    y = torch.nn.functional.normalize(torch.randn(30, 32, generator=g), dim=1).to(DEVICE)
+    cross = torch.full((40, 2), -1, dtype=torch.int32, device=DEVICE)
+    leaf = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    torch.library.opcheck(ops.negative_lse_product, (leaf(x), leaf(y), cross, tau, False))
     z0, z1, _ = make_views(20, 32, seed=7, device=DEVICE)
     torch.library.opcheck(ops.normalize, (z0.requires_grad_(True), z1.requires_grad_(True)))
 
 
-def test_deterministic_at_a_tuned_size():
+@pytest.mark.parametrize("layout", ["ntxent", "cross"])
+def test_deterministic_at_a_tuned_size(layout):
+    # ntxent: the symmetric row pass; cross: P y from the forward and the column pass.
     z0, z1, _ = make_views(2000, 128, torch.bfloat16, seed=8, device=DEVICE)
-    first = loss_and_grads(z0, z1, backend="triton")
-    second = loss_and_grads(z0, z1, backend="triton")
+    first = loss_and_grads(z0, z1, backend="triton", layout=layout)
+    second = loss_and_grads(z0, z1, backend="triton", layout=layout)
     assert bitwise_equal([first[0], *first[1]], [second[0], *second[1]])

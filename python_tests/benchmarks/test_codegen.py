@@ -110,3 +110,38 @@ def test_comparison_gives_the_range_over_configs_per_case():
     table = codegen.comparison(before, after)
     assert "| forward | ntxent | 90 | bf16 | 128 | 18.5-20 (1 MUFU), 16 B spilled, 2 cfg | 7.25 (1 MUFU), 0 B" in table
     assert "| rows | ntxent | 90 | bf16 | 128 | 16 (1 MUFU), 0 B spilled, 1 cfg | - |" in table
+
+
+def _config_row(kernel, shape, spill, d="256", block_d="128", fits="yes"):
+    row = {column: "" for column in codegen.COLUMNS}
+    block_m, block_n, warps, stages = shape
+    row.update(kernel=kernel, layout="cross", arch="90", dtype="bf16", d=d, block_d=block_d, fits=fits)
+    row.update(block_m=block_m, block_n=block_n, warps=warps, stages=stages, spill_bytes=spill)
+    return row
+
+
+def test_all_configs_rows_give_the_prune_table_and_what_is_picked():
+    # A tuned kernel: two GPU configs clean, one spilling; an untuned one whose small config spills.
+    rows = [
+        _config_row("columns", (128, 64, 4, 3), 352),
+        _config_row("columns", (128, 64, 8, 2), 0),
+        _config_row("columns", (64, 64, 4, 2), 0),
+        _config_row("columns two-factor", (64, 64, 4, 2), 12),
+        _config_row("columns two-factor", (64, 32, 4, 2), 0, fits="yes"),
+    ]
+    codegen.mark_picked(rows)
+    assert [row["picked"] for row in rows] == ["no", "no", "yes", "no", "yes"]  # 8 warps on 64 resident: slow
+    assert [line.split(": ")[1] for line in codegen.problems(rows)] == []  # what spills is never picked
+    assert codegen.verified_table(rows) == {
+        (90, "columns", "bf16", 128, True): ((128, 64, 8, 2), (64, 64, 4, 2)),
+        (90, "columns two-factor", "bf16", 128, True): ((64, 32, 4, 2),),
+    }
+
+
+def test_the_table_module_round_trips(tmp_path):
+    table = {(80, "forward", "fp32", 128, False): ((64, 64, 4, 2),)}
+    path = tmp_path / "verified.py"
+    codegen.write_table(table, str(path), "python -m benchmarks.codegen --all-configs")
+    namespace = {}
+    exec(path.read_text(), namespace)
+    assert namespace["CLEAN"] == table and "--all-configs" in namespace["__doc__"]

@@ -64,11 +64,14 @@ def triton_cases(dtype: torch.dtype) -> OpCases:
     x, y, cross, ntxent, tau, upstream = _shared_inputs(dtype)
     lse_cross = ops.negative_lse(x, y, cross, tau, False)
     lse_ntxent = ops.negative_lse(x, None, ntxent, tau, False)
+    _, product = ops.negative_lse_product(x, y, cross, tau, False)  # P y, kept for the cross backward
     z0, z1 = (_unit_rows(5, 7, seed, dtype) * 3 for seed in (10, 11))
     norm0, norm1 = (z.to(accumulation_dtype(dtype)).norm(dim=1) for z in (z0, z1))
     return {
         "negative_lse with candidates": (ops.negative_lse, (_leaf(x), _leaf(y), cross, tau, False)),
         "negative_lse ntxent": (ops.negative_lse, (_leaf(x), None, ntxent, tau, False)),
+        "negative_lse_product": (ops.negative_lse_product, (_leaf(x), _leaf(y), cross, tau, False)),
+        "rows from the product": (ops.negative_lse_product_rows, (x, lse_cross, product, tau, upstream)),
         "rows": (ops.negative_lse_rows, (x, y, cross, tau, lse_cross, upstream, False)),
         "rows symmetric": (ops.negative_lse_rows, (x, None, ntxent, tau, lse_ntxent, upstream, False)),
         "columns": (ops.negative_lse_columns, (x, y, cross, tau, lse_cross, upstream, False)),

@@ -1,4 +1,4 @@
-"""Backward of the negatives' log-sum-exp, deterministic: row and column passes (MATH.md section 4).
+"""Backward of the negatives' log-sum-exp, deterministic (MATH.md section 4).
 
 With ``P[r, c] = exp(x[r].y[c] / tau - lse[r])`` on negative columns (0 elsewhere)
 and ``E[r, c] = (h[r] / tau) P[r, c]``: ``dx = E y`` and ``dy = E^T x``. As in
@@ -6,12 +6,13 @@ fused attention, each pass owns one side of the output and recomputes the
 similarity tiles, so every output tile has exactly one writer: no atomics,
 bitwise-reproducible.
 
-- row pass: one program per (anchor block, embedding chunk) writes ``dx``.
-  When the anchors are their own candidates (``ntxent``, ``y`` None), S is
-  symmetric and so, for a symmetric exclusion table, is the set of negatives: the
-  row pass then forms ``E + E^T`` tile by tile (two exps per score, one score tile)
-  and writes ``dx = (E + E^T) x`` alone: 2 GEMM passes for the whole backward.
-- column pass (``y`` given): one program per (candidate block, embedding chunk) writes ``dy``.
+- ``dx`` when the candidates are given (``cross``, ``queue``): ``(h / tau) P y``
+  from the product the forward wrote (forward.py), no pass at all.
+- ``dy``, the column pass: one program per (candidate block, embedding chunk).
+- ``ntxent`` (``y`` None): S is symmetric and so, for a symmetric exclusion table,
+  is the set of negatives. The row pass forms ``E + E^T`` tile by tile and writes
+  ``dx = (E + E^T) x`` alone: one score tile and one exp per score
+  (:func:`symmetric_factors`), 2 GEMM passes for the whole backward.
 
 Both passes walk their interior tiles unmasked and mask only the tiles where an
 excluded pair falls (see helpers.tile_order); the column pass finds those from a
@@ -20,14 +21,15 @@ scan of the exclusion table. Exps are exp2 with log2(e) / tau folded into one FM
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import List
 
 import torch
 import triton
 import triton.language as tl
 
 from ..._math import accumulation_dtype
-from .configs import SIZES, autotuned, block_d, fixed, size_class, tuned
+from .configs import SIZES, autotuned, chunk_of, fixed, size_class, tuned
 from .helpers import (
     LOG2E,
     bounds,
@@ -36,63 +38,70 @@ from .helpers import (
     excluding_rows,
     exp2,
     interior_tile,
-    load_tile,
+    load_at,
     masked_tile,
     rounded,
     scores,
     store_tile,
     tile_order,
+    tile_pointers,
 )
 from .launch import Launch
 
+LOG2E_VALUE = math.log2(math.e)
+# Widest spread of the base-2 lse over the rows for one exp per score: alpha >= |weight| 2^-96 stays normal.
+MAX_SPREAD = 96.0
 SCAN_ROWS = tl.constexpr(1024)  # exclusion-table entries per step of the column pass's scan
 
 
 @triton.jit
 def rows_step(
-    acc, x, x_ptr, y_ptr, rows, cols, dims, M, C, D, stride_xm, stride_xd, stride_yc, stride_yd, first, second,
-    lse2, weight, lse_ptr, weight_ptr, scale, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, SINGLE_CHUNK: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+    acc, x, x_ptrs, y_ptrs, y_chunk_ptrs, rows, cols, dims, M, D, stride_xd, first, second, alpha, lse2, weight,
+    alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_CHUNK: tl.constexpr, EVEN_D: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """acc + W y[cols] for one candidate tile: W = P, or W = w[r] P + w[c] P^T's entry when SYMMETRIC."""
-    y = load_tile(y_ptr, cols, dims, C, D, stride_yc, stride_yd, MASKED, EVEN_D)
+    """acc + (E + E^T)[rows, cols] x[cols] for one candidate tile."""
+    y = load_at(y_chunk_ptrs, cols, dims, M, D, MASKED, EVEN_D)
     sim = scores(
-        x, y, x_ptr, y_ptr, rows, cols, M, C, D, stride_xm, stride_xd, stride_yc, stride_yd, first, second,
+        x, y, x_ptrs, y_ptrs, rows, cols, M, M, D, stride_xd, stride_xd, first, second,
         ACC, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, MASKED, False, PRECISION,
     )  # fmt: skip
-    # Masked before exp (the positive's term may overflow): hidden entries are -inf, their P is 0.
-    prob = exp2(sim * scale - lse2[:, None])
-    if SYMMETRIC:
+    # Masked before exp (the positive's term may overflow): hidden entries are -inf, their terms 0.
+    if ONE_EXP:  # E + E^T = 2^(s scale - shift) (alpha[r] + alpha[c]): one exp per score
         if MASKED:
-            inside = cols < C
-            lse2_c = tl.load(lse_ptr + cols, mask=inside, other=float("inf")) * LOG2E
-            weight_c = tl.load(weight_ptr + cols, mask=inside, other=0.0)
+            alpha_c = tl.load(alpha_ptr + cols, mask=cols < M, other=0.0)
         else:
-            lse2_c = tl.load(lse_ptr + cols) * LOG2E
+            alpha_c = tl.load(alpha_ptr + cols)
+        both = exp2(sim * scale - shift) * (alpha[:, None] + alpha_c[None, :])
+    else:  # lse spread too wide for one shift: w[r] 2^(s scale - lse2[r]) + w[c] 2^(s scale - lse2[c])
+        if MASKED:
+            lse2_c = tl.load(lse2_ptr + cols, mask=cols < M, other=float("inf"))
+            weight_c = tl.load(weight_ptr + cols, mask=cols < M, other=0.0)
+        else:
+            lse2_c = tl.load(lse2_ptr + cols)
             weight_c = tl.load(weight_ptr + cols)
-        prob = weight[:, None] * prob + weight_c[None, :] * exp2(sim * scale - lse2_c[None, :])
-    # P <= 1 and the weights are in [-1, 1]: safe to round to fp16/bf16 for the tensor cores.
-    return dot_acc(rounded(prob, y.dtype), y, acc, PRECISION)
+        both = weight[:, None] * exp2(sim * scale - lse2[:, None])
+        both += weight_c[None, :] * exp2(sim * scale - lse2_c[None, :])
+    # Each term <= |weight| <= 1: safe to round to fp16/bf16 for the tensor cores.
+    return dot_acc(rounded(both, y.dtype), y, acc, PRECISION)
 
 
 @triton.jit(do_not_specialize=SIZES)
 def rows_kernel(
     x_ptr,
-    y_ptr,
     excluded_ptr,
     tau_ptr,
-    lse_ptr,
+    shift_ptr,
+    alpha_ptr,
+    lse2_ptr,
     weight_ptr,
     weight_scale_ptr,
     out_ptr,
     M,
-    C,
     D,
     stride_xm,
     stride_xd,
-    stride_yc,
-    stride_yd,
     stride_em,
     stride_ek,
     stride_om,
@@ -100,7 +109,7 @@ def rows_kernel(
     ROWS_CLASS,  # autotuning key only
     COLS_CLASS,  # autotuning key only
     TF32: tl.constexpr,  # autotuning key; PRECISION is derived from it
-    SYMMETRIC: tl.constexpr,
+    ONE_EXP: tl.constexpr,  # this launch's formula; it works only if the spread allows it (shift_ptr[1])
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -108,71 +117,85 @@ def rows_kernel(
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    ACC = lse_ptr.dtype.element_ty
+    ACC = lse2_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # the chunk of dx this program writes
+    chunk = tl.program_id(1) * BLOCK_D  # the chunk of dx this program writes
+    dims = chunk + tl.arange(0, BLOCK_D)
     scale = LOG2E / tl.load(tau_ptr).to(ACC)
+    shift = tl.load(shift_ptr)
+    active = ((tl.load(shift_ptr + 1) != 0) == ONE_EXP).to(tl.int32)  # 0: the other launch writes dx
     inside = rows < M
-    lse2 = tl.load(lse_ptr + rows, mask=inside, other=float("inf")) * LOG2E  # rows past M get P = 0
+    alpha = tl.load(alpha_ptr + rows, mask=inside, other=0.0)
+    lse2 = tl.load(lse2_ptr + rows, mask=inside, other=float("inf"))  # rows past M get P = 0
     weight = tl.load(weight_ptr + rows, mask=inside, other=0.0)
     first, second = excluded_columns(excluded_ptr, rows, M, stride_em, stride_ek)
+    x_ptrs = tile_pointers(x_ptr, rows, tl.arange(0, BLOCK_D), stride_xm, stride_xd)  # the first chunk
     if SINGLE_CHUNK:
-        x = load_tile(x_ptr, rows, dims, M, D, stride_xm, stride_xd, True, EVEN_D)
+        x = load_at(x_ptrs, rows, dims, M, D, True, EVEN_D)
     else:
         x = x_ptr  # unused: scores walks D in chunks
+    y_ptrs = tile_pointers(x_ptr, tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D), stride_xm, stride_xd)  # tile 0
+    y_chunk_ptrs = y_ptrs + chunk * stride_xd
     lo1, hi1 = bounds(first)
     lo2, hi2 = bounds(second)
-    n_full = C // BLOCK_N
+    n_full = M // BLOCK_N
     a1, len1, a2, len2 = tile_order(lo1, hi1, lo2, hi2, n_full, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
-    for k in range(0, n_full - len1 - len2):
-        cols = interior_tile(k, a1, len1, a2, len2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    for k in range(0, (n_full - len1 - len2) * active):
+        start = interior_tile(k, a1, len1, a2, len2) * BLOCK_N
+        cols = start + tl.arange(0, BLOCK_N)
+        offset = start.to(tl.int64) * stride_xm
         acc = rows_step(
-            acc, x, x_ptr, y_ptr, rows, cols, dims, M, C, D, stride_xm, stride_xd, stride_yc, stride_yd, first,
-            second, lse2, weight, lse_ptr, weight_ptr, scale, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D,
-            False, SYMMETRIC, PRECISION,
+            acc, x, x_ptrs, y_ptrs + offset, y_chunk_ptrs + offset, rows, cols, dims, M, D, stride_xd, first,
+            second, alpha, lse2, weight, alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP, ACC, BLOCK_M,
+            BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, False, PRECISION,
         )  # fmt: skip
-    for j in range(0, len1 + len2 + (n_full * BLOCK_N < C).to(tl.int32)):
-        cols = masked_tile(j, a1, len1, a2, len2, n_full) * BLOCK_N + tl.arange(0, BLOCK_N)
+    for j in range(0, (len1 + len2 + (n_full * BLOCK_N < M).to(tl.int32)) * active):
+        start = masked_tile(j, a1, len1, a2, len2, n_full) * BLOCK_N
+        cols = start + tl.arange(0, BLOCK_N)
+        offset = start.to(tl.int64) * stride_xm
         acc = rows_step(
-            acc, x, x_ptr, y_ptr, rows, cols, dims, M, C, D, stride_xm, stride_xd, stride_yc, stride_yd, first,
-            second, lse2, weight, lse_ptr, weight_ptr, scale, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D,
-            True, SYMMETRIC, PRECISION,
+            acc, x, x_ptrs, y_ptrs + offset, y_chunk_ptrs + offset, rows, cols, dims, M, D, stride_xd, first,
+            second, alpha, lse2, weight, alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP, ACC, BLOCK_M,
+            BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, True, PRECISION,
         )  # fmt: skip
 
-    weight_scale = tl.load(weight_scale_ptr).to(ACC)
-    if SYMMETRIC:
-        out = acc * weight_scale
-    else:  # the row weights commute with the dot: applied once here
-        out = acc * (weight * weight_scale)[:, None]
-    store_tile(out_ptr, out, rows, dims, M, D, stride_om, stride_od)
+    if active:
+        store_tile(out_ptr, acc * tl.load(weight_scale_ptr).to(ACC), rows, dims, M, D, stride_om, stride_od)
 
 
 @triton.jit
 def columns_step(
-    acc, y, x_ptr, y_ptr, excluded_ptr, rows, cols, dims, M, C, D, stride_xm, stride_xd, stride_yc, stride_yd,
-    stride_em, stride_ek, lse_ptr, weight_ptr, scale, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_CHUNK: tl.constexpr, EVEN_D: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    acc, y, x_ptrs, x_chunk_ptrs, y_ptrs, excluded_ptr, rows, cols, dims, M, C, D, stride_xd, stride_yd, stride_em,
+    stride_ek, alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+    EVEN_D: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """acc + E[rows, cols]^T x[rows] for one anchor tile."""
-    x = load_tile(x_ptr, rows, dims, M, D, stride_xm, stride_xd, MASKED, EVEN_D)
+    x = load_at(x_chunk_ptrs, rows, dims, M, D, MASKED, EVEN_D)
     if MASKED:
         inside = rows < M
-        lse2 = tl.load(lse_ptr + rows, mask=inside, other=float("inf")) * LOG2E
-        weight = tl.load(weight_ptr + rows, mask=inside, other=0.0)
         first, second = excluded_columns(excluded_ptr, rows, M, stride_em, stride_ek)
     else:
-        lse2 = tl.load(lse_ptr + rows) * LOG2E
-        weight = tl.load(weight_ptr + rows)
+        inside = rows < M  # unused
         first, second = rows, rows  # unused
     sim_t = scores(
-        y, x, y_ptr, x_ptr, cols, rows, C, M, D, stride_yc, stride_yd, stride_xm, stride_xd, first, second,
+        y, x, y_ptrs, x_ptrs, cols, rows, C, M, D, stride_yd, stride_xd, first, second,
         ACC, BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_CHUNK, EVEN_D, MASKED, True, PRECISION,
     )  # fmt: skip
-    # weight = (h / tau) / max|h / tau| is in [-1, 1], so this tile also fits fp16's range.
-    e_t = exp2(sim_t * scale - lse2[None, :]) * weight[None, :]
+    # |E| <= |weight| <= 1 (weight = (h / tau) / max|h / tau|), so this tile also fits fp16's range.
+    if ONE_EXP:  # E = 2^(s scale - shift) alpha[r]: one factor per anchor instead of two
+        alpha = tl.load(alpha_ptr + rows, mask=inside, other=0.0) if MASKED else tl.load(alpha_ptr + rows)
+        e_t = exp2(sim_t * scale - shift) * alpha[None, :]
+    else:
+        if MASKED:
+            lse2 = tl.load(lse2_ptr + rows, mask=inside, other=float("inf"))
+            weight = tl.load(weight_ptr + rows, mask=inside, other=0.0)
+        else:
+            lse2 = tl.load(lse2_ptr + rows)
+            weight = tl.load(weight_ptr + rows)
+        e_t = exp2(sim_t * scale - lse2[None, :]) * weight[None, :]
     return dot_acc(rounded(e_t, x.dtype), x, acc, PRECISION)
 
 
@@ -182,7 +205,9 @@ def columns_kernel(
     y_ptr,
     excluded_ptr,
     tau_ptr,
-    lse_ptr,
+    shift_ptr,
+    alpha_ptr,
+    lse2_ptr,
     weight_ptr,
     weight_scale_ptr,
     out_ptr,
@@ -200,6 +225,7 @@ def columns_kernel(
     ROWS_CLASS,  # autotuning key only
     COLS_CLASS,  # autotuning key only
     TF32: tl.constexpr,  # autotuning key; PRECISION is derived from it
+    ONE_EXP: tl.constexpr,  # this launch's formula; it works only if the spread allows it (shift_ptr[1])
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -207,42 +233,53 @@ def columns_kernel(
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    ACC = lse_ptr.dtype.element_ty
+    ACC = lse2_ptr.dtype.element_ty
     start = tl.program_id(0) * BLOCK_N
     cols = start + tl.arange(0, BLOCK_N)
-    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # the chunk of dy this program writes
+    chunk = tl.program_id(1) * BLOCK_D  # the chunk of dy this program writes
+    dims = chunk + tl.arange(0, BLOCK_D)
     scale = LOG2E / tl.load(tau_ptr).to(ACC)
+    shift = tl.load(shift_ptr)
+    active = ((tl.load(shift_ptr + 1) != 0) == ONE_EXP).to(tl.int32)  # 0: the other launch writes dy
+    y_ptrs = tile_pointers(y_ptr, cols, tl.arange(0, BLOCK_D), stride_yc, stride_yd)  # the first chunk
     if SINGLE_CHUNK:
-        y = load_tile(y_ptr, cols, dims, C, D, stride_yc, stride_yd, True, EVEN_D)
+        y = load_at(y_ptrs, cols, dims, C, D, True, EVEN_D)
     else:
         y = y_ptr  # unused: scores walks D in chunks
+    x_ptrs = tile_pointers(x_ptr, tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D), stride_xm, stride_xd)  # tile 0
+    x_chunk_ptrs = x_ptrs + chunk * stride_xd
     lo1, hi1, lo2, hi2 = excluding_rows(excluded_ptr, M, stride_em, stride_ek, start, start + BLOCK_N, SCAN_ROWS)
     n_full = M // BLOCK_M
     a1, len1, a2, len2 = tile_order(lo1, hi1, lo2, hi2, n_full, BLOCK_M)
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
-    for k in range(0, n_full - len1 - len2):
-        rows = interior_tile(k, a1, len1, a2, len2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    for k in range(0, (n_full - len1 - len2) * active):
+        row_start = interior_tile(k, a1, len1, a2, len2) * BLOCK_M
+        rows = row_start + tl.arange(0, BLOCK_M)
+        offset = row_start.to(tl.int64) * stride_xm
         acc = columns_step(
-            acc, y, x_ptr, y_ptr, excluded_ptr, rows, cols, dims, M, C, D, stride_xm, stride_xd, stride_yc,
-            stride_yd, stride_em, stride_ek, lse_ptr, weight_ptr, scale, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
-            SINGLE_CHUNK, EVEN_D, False, PRECISION,
+            acc, y, x_ptrs + offset, x_chunk_ptrs + offset, y_ptrs, excluded_ptr, rows, cols, dims, M, C, D,
+            stride_xd, stride_yd, stride_em, stride_ek, alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP, ACC,
+            BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, False, PRECISION,
         )  # fmt: skip
-    for j in range(0, len1 + len2 + (n_full * BLOCK_M < M).to(tl.int32)):
-        rows = masked_tile(j, a1, len1, a2, len2, n_full) * BLOCK_M + tl.arange(0, BLOCK_M)
+    for j in range(0, (len1 + len2 + (n_full * BLOCK_M < M).to(tl.int32)) * active):
+        row_start = masked_tile(j, a1, len1, a2, len2, n_full) * BLOCK_M
+        rows = row_start + tl.arange(0, BLOCK_M)
+        offset = row_start.to(tl.int64) * stride_xm
         acc = columns_step(
-            acc, y, x_ptr, y_ptr, excluded_ptr, rows, cols, dims, M, C, D, stride_xm, stride_xd, stride_yc,
-            stride_yd, stride_em, stride_ek, lse_ptr, weight_ptr, scale, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
-            SINGLE_CHUNK, EVEN_D, True, PRECISION,
+            acc, y, x_ptrs + offset, x_chunk_ptrs + offset, y_ptrs, excluded_ptr, rows, cols, dims, M, C, D,
+            stride_xd, stride_yd, stride_em, stride_ek, alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP, ACC,
+            BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, True, PRECISION,
         )  # fmt: skip
 
-    store_tile(out_ptr, acc * tl.load(weight_scale_ptr).to(ACC), cols, dims, C, D, stride_oc, stride_od)
+    if active:
+        store_tile(out_ptr, acc * tl.load(weight_scale_ptr).to(ACC), cols, dims, C, D, stride_oc, stride_od)
 
 
-rows_tuned = tuned(rows_kernel, score_tiles=1)
-rows_fixed = fixed(rows_kernel)
-columns_tuned = tuned(columns_kernel, resident="BLOCK_N", score_tiles=2)
-columns_fixed = fixed(columns_kernel)
+rows_tuned = tuned(rows_kernel, "backward", score_tiles=1)
+rows_fixed = fixed(rows_kernel, "backward", score_tiles=1)
+columns_tuned = tuned(columns_kernel, "columns", resident="BLOCK_N", score_tiles=2)
+columns_fixed = fixed(columns_kernel, "columns", resident="BLOCK_N", score_tiles=2)
 
 
 def _weights(grad_lse: torch.Tensor, tau: torch.Tensor, acc: torch.dtype):
@@ -253,64 +290,81 @@ def _weights(grad_lse: torch.Tensor, tau: torch.Tensor, acc: torch.dtype):
     return (coef / scale).contiguous(), scale
 
 
-def rows_launch(
-    x: torch.Tensor,
-    y: Optional[torch.Tensor],
-    excluded: torch.Tensor,
-    tau: torch.Tensor,
-    lse: torch.Tensor,
-    grad_lse: torch.Tensor,
-    tf32: bool,
-) -> Launch:
-    cand = x if y is None else y
+def _base2(lse: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """lse in base 2; +inf where it is not finite (a row without negatives): its terms are then 0."""
+    lse2 = lse.to(acc) * LOG2E_VALUE
+    return torch.where(torch.isfinite(lse2), lse2, torch.full_like(lse2, float("inf"))).contiguous()
+
+
+def shared_shift(lse2: torch.Tensor, weight: torch.Tensor):
+    """(shift, alpha) that give each entry of E with one shared shift: ``E[r, c] = 2^(s scale - shift) alpha[r]``.
+
+    With ``shift = min lse2`` and ``alpha = weight 2^(shift - lse2)`` this is exactly
+    ``weight[r] 2^(s scale - lse2[r])``, with one factor per row instead of two (the
+    column pass) and, for ``E + E^T``, one exp per score (the symmetric row pass:
+    ``2^(s scale - shift) (alpha[r] + alpha[c])``). No factor overflows (``s scale <= lse2``
+    for a negative, so the exp is at most 2^spread, and ``|alpha| <= 1``) and a term that
+    flushes to 0 is below 2^-126 as before. A spread of lse2 over MAX_SPREAD (tiny tau)
+    would push alpha towards fp32's subnormals: ``shift``'s second entry then says so,
+    and the launch with one exp per (row, score) pair writes the gradient instead.
+    """
+    finite = torch.isfinite(lse2)
+    low = torch.where(finite, lse2, torch.full_like(lse2, float("inf"))).amin()
+    high = torch.where(finite, lse2, torch.full_like(lse2, float("-inf"))).amax()
+    alpha = torch.where(finite, weight * torch.exp2(low - lse2), torch.zeros_like(lse2))
+    one_exp = (high - low <= MAX_SPREAD).to(lse2.dtype)
+    return torch.stack([low, one_exp]), alpha.contiguous()
+
+
+def _both_formulas(kernel, fallback, grid, args: dict, out: torch.Tensor) -> List[Launch]:
+    """Both launches run: one shift for all (``kernel``), else the one exits at once and ``fallback`` works."""
+    return [Launch(kernel, grid, dict(args, ONE_EXP=True), out), Launch(fallback, grid, dict(args, ONE_EXP=False), out)]
+
+
+def rows_launches(
+    x: torch.Tensor, excluded: torch.Tensor, tau: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor, tf32: bool
+) -> List[Launch]:
     m, d = x.shape
-    c = cand.shape[0]
-    weight, weight_scale = _weights(grad_lse, tau, accumulation_dtype(x.dtype))
+    acc = accumulation_dtype(x.dtype)
+    weight, weight_scale = _weights(grad_lse, tau, acc)
+    lse2 = _base2(lse, acc)
+    shift, alpha = shared_shift(lse2, weight)
     out = torch.empty((m, d), dtype=x.dtype, device=x.device)
     args = dict(
         x_ptr=x,
-        y_ptr=cand,
         excluded_ptr=excluded,
         tau_ptr=tau,
-        lse_ptr=lse,
+        shift_ptr=shift,
+        alpha_ptr=alpha,
+        lse2_ptr=lse2,
         weight_ptr=weight,
         weight_scale_ptr=weight_scale,
         out_ptr=out,
         M=m,
-        C=c,
         D=d,
         stride_xm=x.stride(0),
         stride_xd=x.stride(1),
-        stride_yc=cand.stride(0),
-        stride_yd=cand.stride(1),
         stride_em=excluded.stride(0),
         stride_ek=excluded.stride(1),
         stride_om=out.stride(0),
         stride_od=out.stride(1),
         ROWS_CLASS=size_class(m),
-        COLS_CLASS=size_class(c),
+        COLS_CLASS=size_class(m),
         TF32=bool(tf32),
-        SYMMETRIC=y is None,
-        BLOCK_D=block_d(d, x.element_size(), gradient=True),
+        BLOCK_D=chunk_of(x, tf32, gradient=True),
     )
-    kernel = rows_tuned if autotuned(m, c, x.dtype) else rows_fixed
-    return Launch(kernel, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"])), args, out)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+    return _both_formulas(rows_tuned if autotuned(m, m, x.dtype) else rows_fixed, rows_fixed, grid, args, out)
 
 
 def backward_rows(
-    x: torch.Tensor,
-    y: Optional[torch.Tensor],
-    excluded: torch.Tensor,
-    tau: torch.Tensor,
-    lse: torch.Tensor,
-    grad_lse: torch.Tensor,
-    tf32: bool,
+    x: torch.Tensor, excluded: torch.Tensor, tau: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor, tf32: bool
 ) -> torch.Tensor:
-    """``E y`` in x's dtype; ``(E + E^T) x`` when ``y`` is None (then the exclusions must be symmetric)."""
-    return rows_launch(x, y, excluded, tau, lse, grad_lse, tf32).run()
+    """``(E + E^T) x`` in x's dtype, the anchors being their own candidates (the exclusions must be symmetric)."""
+    return Launch.run_all(rows_launches(x, excluded, tau, lse, grad_lse, tf32))
 
 
-def columns_launch(
+def columns_launches(
     x: torch.Tensor,
     y: torch.Tensor,
     excluded: torch.Tensor,
@@ -318,17 +372,22 @@ def columns_launch(
     lse: torch.Tensor,
     grad_lse: torch.Tensor,
     tf32: bool,
-) -> Launch:
+) -> List[Launch]:
     m, d = x.shape
     c = y.shape[0]
-    weight, weight_scale = _weights(grad_lse, tau, accumulation_dtype(x.dtype))
+    acc = accumulation_dtype(x.dtype)
+    weight, weight_scale = _weights(grad_lse, tau, acc)
+    lse2 = _base2(lse, acc)
+    shift, alpha = shared_shift(lse2, weight)
     out = torch.empty((c, d), dtype=y.dtype, device=x.device)
     args = dict(
         x_ptr=x,
         y_ptr=y,
         excluded_ptr=excluded,
         tau_ptr=tau,
-        lse_ptr=lse,
+        shift_ptr=shift,
+        alpha_ptr=alpha,
+        lse2_ptr=lse2,
         weight_ptr=weight,
         weight_scale_ptr=weight_scale,
         out_ptr=out,
@@ -346,10 +405,11 @@ def columns_launch(
         ROWS_CLASS=size_class(m),
         COLS_CLASS=size_class(c),
         TF32=bool(tf32),
-        BLOCK_D=block_d(d, x.element_size(), gradient=True),
+        BLOCK_D=chunk_of(x, tf32, gradient=True),
     )
+    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     kernel = columns_tuned if autotuned(m, c, x.dtype) else columns_fixed
-    return Launch(kernel, lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"])), args, out)
+    return _both_formulas(kernel, columns_fixed, grid, args, out)
 
 
 def backward_columns(
@@ -362,4 +422,18 @@ def backward_columns(
     tf32: bool,
 ) -> torch.Tensor:
     """``E^T x`` in the candidates' dtype."""
-    return columns_launch(x, y, excluded, tau, lse, grad_lse, tf32).run()
+    return Launch.run_all(columns_launches(x, y, excluded, tau, lse, grad_lse, tf32))
+
+
+def rows_from_product(
+    product_lse: torch.Tensor, product: torch.Tensor, lse: torch.Tensor, tau: torch.Tensor, grad_lse: torch.Tensor
+) -> torch.Tensor:
+    """``dx = E y = (h / tau) P y`` from a forward's ``P y``: no pass over S, in the accumulation dtype.
+
+    ``P`` is taken at ``lse``: the product was normalized by its own forward's ``product_lse``
+    (the same values when both come from one forward), hence the factor ``exp(product_lse - lse)``.
+    """
+    acc = product.dtype
+    factor = torch.where(torch.isfinite(product_lse), torch.exp(product_lse.to(acc) - lse.to(acc)), 0.0)
+    coef = grad_lse.to(acc) / tau.to(acc) * factor
+    return coef[:, None] * product

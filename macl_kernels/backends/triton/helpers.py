@@ -20,29 +20,6 @@ NO_TILE = tl.constexpr(1 << 30)  # larger than any index: an empty range's start
 
 
 @triton.jit
-def load_tile(
-    ptr,
-    rows,
-    cols,
-    n_rows,
-    n_cols,
-    stride_row,
-    stride_col,
-    CHECK_ROWS: tl.constexpr = True,
-    EVEN_COLS: tl.constexpr = False,
-):
-    """The (len(rows), len(cols)) tile of a row-major-addressed matrix, zeros outside it."""
-    offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :] * stride_col
-    if CHECK_ROWS:
-        if EVEN_COLS:
-            return tl.load(ptr + offsets, mask=rows[:, None] < n_rows, other=0.0)
-        return tl.load(ptr + offsets, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
-    if EVEN_COLS:
-        return tl.load(ptr + offsets)
-    return tl.load(ptr + offsets, mask=cols[None, :] < n_cols, other=0.0)
-
-
-@triton.jit
 def store_tile(ptr, value, rows, cols, n_rows, n_cols, stride_row, stride_col):
     """Stores the tile in ptr's dtype (rounded to nearest), masked at the edges."""
     offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :] * stride_col
@@ -73,7 +50,23 @@ def dot_acc(a, b, acc, PRECISION: tl.constexpr):
         if a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+    if not INTERPRETER:
+        if PRECISION == "tf32x3":
+            # fp32-accurate on TF32 tensor cores, split by hand (x = hi + lo, hi exact in TF32):
+            # Triton's own tf32x3 spilled kilobytes in every gradient kernel (codegen report).
+            a_hi = tf32_part(a)
+            b_hi = tf32_part(b)
+            acc = tl.dot(a - a_hi, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+            acc = tl.dot(a_hi, b - b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+            return tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def tf32_part(x):
+    """x rounded to TF32's 10-bit mantissa (to nearest, ties away), still as fp32: x - tf32_part(x) is exact."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -89,19 +82,41 @@ def exp2(x):
 
 
 @triton.jit
+def tile_pointers(ptr, rows, cols, stride_row, stride_col):
+    """Pointers to the (len(rows), len(cols)) tile: computed once per program, then moved by a scalar offset."""
+    return ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :] * stride_col
+
+
+@triton.jit
+def load_at(ptrs, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """The tile at ``ptrs`` (see :func:`tile_pointers`), zeros where rows >= n_rows or cols >= n_cols."""
+    if CHECK_ROWS:
+        if EVEN_COLS:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    if EVEN_COLS:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, n_rows, n_cols, stride_row, stride_col):
+    """The (len(rows), len(cols)) tile of a row-major-addressed matrix, zeros outside it."""
+    return load_at(tile_pointers(ptr, rows, cols, stride_row, stride_col), rows, cols, n_rows, n_cols, True, False)
+
+
+@triton.jit
 def scores(
     a,
     b,
-    a_ptr,
-    b_ptr,
+    a_ptrs,
+    b_ptrs,
     a_idx,
     b_idx,
     n_a,
     n_b,
     D,
-    stride_a_row,
     stride_a_col,
-    stride_b_row,
     stride_b_col,
     first,
     second,
@@ -118,18 +133,19 @@ def scores(
     """The (BLOCK_A, BLOCK_B) similarity tile a[a_idx] . b[b_idx]; -inf where a pair is excluded or b is past n_b.
 
     ``a`` and ``b`` are the whole tiles when ``SINGLE_CHUNK`` (loaded by the caller,
-    who reuses them), else unused and D is walked in chunks. Only a ``MASKED`` tile
-    checks the b edge and the exclusions: ``first``/``second`` hold, per a-row (per b-row if ``EXCLUSIONS_OF_B``), the
-    excluded index of the other side or -1.
+    who reuses them), else unused and D is walked in chunks from ``a_ptrs`` / ``b_ptrs``
+    (the tiles' first chunk). Only a ``MASKED`` tile checks the b edge and the
+    exclusions: ``first``/``second`` hold, per a-row (per b-row if ``EXCLUSIONS_OF_B``),
+    the excluded index of the other side or -1.
     """
     if SINGLE_CHUNK:
         sim = dot_acc(a, tl.trans(b), tl.zeros((BLOCK_A, BLOCK_B), ACC_DTYPE), PRECISION)
     else:
         sim = tl.zeros((BLOCK_A, BLOCK_B), ACC_DTYPE)
+        dims = tl.arange(0, BLOCK_D)
         for start in range(0, D, BLOCK_D):
-            dims = start + tl.arange(0, BLOCK_D)
-            a_chunk = load_tile(a_ptr, a_idx, dims, n_a, D, stride_a_row, stride_a_col, True, EVEN_D)
-            b_chunk = load_tile(b_ptr, b_idx, dims, n_b, D, stride_b_row, stride_b_col, MASKED, EVEN_D)
+            a_chunk = load_at(a_ptrs + start * stride_a_col, a_idx, start + dims, n_a, D, True, EVEN_D)
+            b_chunk = load_at(b_ptrs + start * stride_b_col, b_idx, start + dims, n_b, D, MASKED, EVEN_D)
             sim = dot_acc(a_chunk, tl.trans(b_chunk), sim, PRECISION)
     if MASKED:
         if EXCLUSIONS_OF_B:

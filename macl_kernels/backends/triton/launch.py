@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Tuple, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import torch
 
@@ -33,3 +33,10 @@ class Launch:
     def run(self) -> Any:
         launcher(self.kernel)[self.grid](**self.args)
         return self.out
+
+    @staticmethod
+    def run_all(launches: List["Launch"]) -> Any:
+        """Runs the launches in order; the last one's output."""
+        for launch in launches:
+            out = launch.run()
+        return out

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..._math import accumulation_dtype
-from .configs import INTERPRET, PROLOGUE_ROWS, ROW_COUNTS, block_d
+from .configs import INTERPRET, PROLOGUE_BACKWARD_ELEMENTS, PROLOGUE_ROWS, ROW_COUNTS, block_d
 from .helpers import load_tile, store_tile
 from .launch import Launch
 
@@ -225,6 +225,11 @@ def _rows_per_program() -> int:
     return INTERPRETER_ROWS if INTERPRET else PROLOGUE_ROWS
 
 
+def _backward_rows_per_program(itemsize: int, chunk: int) -> int:
+    """Fewer rows for fp32 / fp64 inputs: at most PROLOGUE_BACKWARD_ELEMENTS per tile."""
+    return min(_rows_per_program(), PROLOGUE_BACKWARD_ELEMENTS[itemsize] // chunk)
+
+
 def normalize_launch(z0: torch.Tensor, z1: torch.Tensor) -> Launch:
     n, d = z0.shape
     acc = accumulation_dtype(z0.dtype)
@@ -272,7 +277,8 @@ def normalize_backward_launch(
     n, d = z0.shape
     dz0 = torch.empty((n, d), dtype=z0.dtype, device=z0.device)
     dz1 = torch.empty_like(dz0)
-    rows = _rows_per_program()
+    chunk = block_d(d, z0.element_size(), gradient=True)
+    rows = _backward_rows_per_program(z0.element_size(), chunk)
     args = dict(
         z0_ptr=z0,
         z1_ptr=z1,
@@ -300,7 +306,7 @@ def normalize_backward_launch(
         HAS_DCOS=grad_cos is not None,
         EPS=NORM_EPS,
         BLOCK_ROWS=rows,
-        BLOCK_D=block_d(d, z0.element_size(), gradient=True),
+        BLOCK_D=chunk,
     )
     return Launch(normalize_pair_backward_kernel, (triton.cdiv(n, rows),), args, (dz0, dz1))
 
