@@ -43,7 +43,8 @@ T_LAYOUTS = "python_tests/test_layouts.py"
 T_TORCH = "python_tests/backends/test_torch_chunked.py"
 T_CPP = "python_tests/backends/test_cpp.py"
 T_EMULATED = "python_tests/backends/test_cuda_emulated.py"
-TRITON_EDGES = "python_tests/backends/test_triton.py::test_block_edges_and_embedding_chunks"
+T_TRITON = "python_tests/backends/test_triton.py"
+TRITON_EDGES = f"{T_TRITON}::test_block_edges_and_embedding_chunks"
 T_TRAINING = "python_tests/conformance/test_training_api.py"
 T_REFERENCE = "python_tests/conformance/test_against_reference.py"
 T_DISTRIBUTED = "python_tests/test_distributed.py"
@@ -368,8 +369,6 @@ MUTANTS = [
         rebuild=("emulator",),
     ),
     # ---- the Triton kernels (macl_kernels/backends/triton), in Triton's interpreter ----
-    # Another branch was rewriting these kernels when the catalog was written: when a snippet no
-    # longer matches, the run reports the mutant stale; refresh it to the same bug in the new code.
     Mutant(
         "triton-edge-mask",
         f"{TRITON}/helpers.py",
@@ -381,30 +380,57 @@ MUTANTS = [
     Mutant(
         "triton-ragged-tile-skipped",
         f"{TRITON}/forward.py",
-        "for j in range(0, len1 + len2 + (n_full * BLOCK_N < C).to(tl.int32)):",
-        "for j in range(0, len1 + len2):",
+        "for j in range(0, (len1 + len2 + (n_full * BLOCK_N < C).to(tl.int32)) * active):",
+        "for j in range(0, (len1 + len2) * active):",
         (f"{TRITON_EDGES}[13-5-cross]",),
         "the forward never visits the ragged last tile of candidates",
     ),
     Mutant(
         "triton-extra-empty-tile",
         f"{TRITON}/forward.py",
-        "for j in range(0, len1 + len2 + (n_full * BLOCK_N < C).to(tl.int32)):",
-        "for j in range(0, len1 + len2 + (n_full * BLOCK_N <= C).to(tl.int32)):",
+        "for j in range(0, (len1 + len2 + (n_full * BLOCK_N < C).to(tl.int32)) * active):",
+        "for j in range(0, (len1 + len2 + (n_full * BLOCK_N <= C).to(tl.int32)) * active):",
         (f"{TRITON_EDGES}[16-16-cross]",),
         "the other side of that off-by-one: one more tile, past the candidates, when BLOCK_N divides C",
         equivalent=(
             "the extra tile's columns are all >= C: it is a masked tile, so its loads give 0 and every score is "
-            "-inf; the running max stays as it was and each term is exp2(-inf) = 0, so lse is the same bits "
-            "(only a tile of work is wasted)"
+            "-inf; each term is exp2(-inf) = 0 (the fixed shift and the running maximum alike: the maximum stays "
+            "as it was, its factor is 1), so the sum, lse and P y are the same bits (only a tile of work is wasted)"
         ),
     ),
     Mutant(
-        "triton-rows-lse-without-log2e",
+        "triton-backward-lse-without-log2e",
         f"{TRITON}/backward.py",
-        'lse2 = tl.load(lse_ptr + rows, mask=inside, other=float("inf")) * LOG2E  # rows past M get P = 0',
-        'lse2 = tl.load(lse_ptr + rows, mask=inside, other=float("inf"))  # rows past M get P = 0',
-        (f"{TRITON_EDGES}[13-5-cross]",),
-        "the exp2 folding: the row pass shifts base-2 logits by a base-e lse",
+        "lse2 = lse.to(acc) * LOG2E_VALUE",
+        "lse2 = lse.to(acc)",
+        (f"{TRITON_EDGES}[13-5-cross]", f"{TRITON_EDGES}[13-5-ntxent]"),
+        "the exp2 folding: the backward passes shift base-2 logits by a base-e lse",
+    ),
+    Mutant(
+        "triton-forward-repair-condition",
+        f"{TRITON}/forward.py",
+        "exact = (total >= LOWEST_SUM) & (total <= HIGHEST_SUM)",
+        "exact = total <= HIGHEST_SUM",
+        (f"{T_TRITON}::test_forward_repairs_only_the_rows_the_fixed_shift_cannot_hold",),
+        "the fixed-shift forward does not send rows whose terms underflowed (tiny tau) to the repair launch",
+    ),
+    Mutant(
+        "triton-product-not-rescaled",
+        f"{TRITON}/forward.py",
+        "        if WITH_PRODUCT:\n            acc = acc * factor[:, None]\n",
+        "",
+        (
+            f"{T_TRITON}::test_forward_repairs_only_the_rows_the_fixed_shift_cannot_hold",
+            f"{T_TRITON}::test_half_precision_chunks",
+        ),
+        "the cross forward's P y accumulator not rescaled when the running maximum grows (repair, fp16)",
+    ),
+    Mutant(
+        "triton-symmetric-two-exp-column-shift",
+        f"{TRITON}/backward.py",
+        "both += weight_c[None, :] * exp2(sim * scale - lse2_c[None, :])",
+        "both += weight_c[None, :] * exp2(sim * scale - lse2[:, None])",
+        (f"{T_TRITON}::test_symmetric_backward_is_exact_with_one_exp_and_with_two",),
+        "the symmetric ntxent backward's two-exp fallback: E^T's term shifted by the row's lse, not the column's",
     ),
 ]

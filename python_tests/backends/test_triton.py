@@ -15,6 +15,7 @@ import triton.language as tl
 
 import macl_kernels as mk
 from macl_kernels._layouts import layout_exclusions
+from macl_kernels._math import accumulation_dtype
 from macl_kernels.backends import torch_chunked
 from macl_kernels.backends import triton as triton_backend
 from macl_kernels.backends.triton import backend as backend_module
@@ -158,10 +159,12 @@ def test_block_edges_and_embedding_chunks(tiny_tiles, layout, n, d):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("layout", ["ntxent", "cross"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision_chunks(tiny_tiles, dtype):
+def test_half_precision_chunks(tiny_tiles, dtype, layout):
+    # cross keeps P y for dx; in fp16 that product always takes the running maximum over the 2 tiles.
     z0, z1, _ = make_views(20, 40, dtype, seed=3)
-    assert_matches_reference("triton", z0, z1)
+    assert_matches_reference("triton", z0, z1, layout=layout)
 
 
 @needs_interpreter
@@ -182,20 +185,29 @@ def test_fp16_column_pass_keeps_tiny_weights():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("product", [False, True], ids=["lse", "lse and P y"])
-def test_forward_repairs_only_the_rows_the_fixed_shift_cannot_hold(product):
-    # The fixed shift (the logit of s = 1) holds every row at tau = 0.5; at tau = 0.005 these rows' sums
-    # fall below 2^-60, the first launch marks them NaN and the repair launch recomputes them.
-    x, y = _unit_rows(12, 8, 1), _unit_rows(10, 8, 2)
-    excluded = torch.full((12, 2), -1, dtype=torch.int32)
-    for tau, repaired in ((0.5, False), (0.005, True)):
-        launches = forward.forward_launches(x, y, excluded, torch.tensor(tau, dtype=torch.float64), False, product)
+@pytest.mark.parametrize("product", [False, True], ids=["lse", "lse-and-product"])
+def test_forward_repairs_only_the_rows_the_fixed_shift_cannot_hold(tiny_tiles, product):
+    # The fixed shift (the logit of s = 1) holds every row at tau = 0.5; at tau = 0.005 some rows' sums fall
+    # below 2^-60, and at tau = 0.002 their fp32 terms underflow to 0: the first launch marks those rows NaN
+    # and the repair launch recomputes them with the running maximum, over 3 candidate tiles (tiny_tiles),
+    # so the maximum grows from tile to tile and the sum and P y are rescaled.
+    cases = (
+        (torch.float64, 0.5, False, 1e-12),
+        (torch.float64, 0.005, True, 1e-12),
+        (torch.float32, 0.002, True, 1e-5),
+    )
+    for dtype, tau, repaired, tol in cases:
+        x, y = _unit_rows(12, 8, 1, dtype), _unit_rows(40, 8, 2, dtype)
+        excluded = torch.full((12, 2), -1, dtype=torch.int32)
+        tau_tensor = torch.tensor(tau, dtype=accumulation_dtype(dtype))
+        launches = forward.forward_launches(x, y, excluded, tau_tensor, False, product)
         assert bool(launches[0].run().isnan().any()) == repaired
         out = Launch.run_all(launches)
-        logits = x @ y.T / tau
-        assert_rel_close(out[0] if product else out, torch.logsumexp(logits, dim=1), 1e-12, f"lse at tau={tau}")
+        logits = x.double() @ y.double().T / tau
+        where = f"{dtype} at tau={tau}"
+        assert_rel_close(out[0] if product else out, torch.logsumexp(logits, dim=1), tol, f"lse, {where}")
         if product:
-            assert_rel_close(out[1], torch.softmax(logits, dim=1) @ y, 1e-12, f"P y at tau={tau}")
+            assert_rel_close(out[1], torch.softmax(logits, dim=1) @ y.double(), tol, f"P y, {where}")
 
 
 @needs_interpreter
