@@ -20,7 +20,7 @@ FLOPS_PER_MCD = {"fwd": 2, "fwd_bwd": 8}
 
 @dataclass(frozen=True)
 class Case:
-    backend: str  # a fused backend name or a baseline of benchmarks.ops
+    backend: str  # a fused backend name or a baseline of benchmarks.targets
     op: str  # a key of LOSS_OPTIONS
     layout: str  # MATH.md section 1
     mode: str  # "fwd" or "fwd_bwd"

@@ -23,7 +23,7 @@ import torch
 
 from macl_kernels.testing import make_views
 
-from . import ops
+from . import targets
 from .cases import Case
 from .isolate import emit
 from .memory import PeakMemory, cap_address_space, is_out_of_memory
@@ -89,14 +89,14 @@ def repeat_runs(timed: Callable[[], float], limits: Limits) -> List[float]:
 
 
 def measure(case: Case, limits: Limits, device: torch.device) -> Dict:
-    fn = ops.build(case)
+    fn = targets.build(case)
     z0, z1 = case_views(case, case.n, device)
     if device.type == "cpu" and limits.memory_budget_gib is not None:
         cap_address_space(int(limits.memory_budget_gib * 2**30))
 
     losses: List[torch.Tensor] = []
     step = make_step(fn, z0, z1, case.mode, losses)
-    if device.type == "cuda" or ops.compiles_per_shape(case):
+    if device.type == "cuda" or targets.compiles_per_shape(case):
         for _ in range(CUDA_WARMUP_RUNS if device.type == "cuda" else 1):
             step()
     else:

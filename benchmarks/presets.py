@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from .cases import Case
 
-# Baselines of benchmarks.ops: what a user would run instead of a fused backend.
+# Baselines of benchmarks.targets: what a user would run instead of a fused backend.
 LIGHTLY = "lightly"
 REFERENCE = "reference"
 COMPILED_REFERENCE = "reference+compile"

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import macl_kernels as mk
 from macl_kernels.testing import fused_backends
 
-from . import machine, ops, plots, report
+from . import machine, plots, report, targets
 from .cases import Case
 from .isolate import Outcome, run_isolated
 from .presets import PRESETS, Limits, make_preset
@@ -95,7 +95,7 @@ class Planner:
 
     def projected_dense_bytes(self, case: Case) -> int:
         """A lower bound of what a dense baseline needs: its M x C matrix, or its last peak scaled by N^2."""
-        lower = ops.dense_bytes_lower_bound(case)
+        lower = targets.dense_bytes_lower_bound(case)
         if lower and case.series() in self.last_ok:
             case0, _, peak0 = self.last_ok[case.series()]
             lower = max(lower, int(peak0 * (case.n / case0.n) ** 2))
@@ -122,7 +122,7 @@ class Planner:
         return None
 
     def _known_outcome(self, case: Case) -> Optional[Outcome]:
-        reason = ops.unavailable_reason(case, self.device)
+        reason = targets.unavailable_reason(case, self.device)
         if reason is not None:
             return Outcome("unavailable", note=reason)
         if case.series() in self.failed:

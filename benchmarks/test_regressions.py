@@ -16,7 +16,7 @@ import torch
 import macl_kernels as mk
 from macl_kernels.testing import fused_backends
 
-from . import ops
+from . import targets
 from .cases import MODES, Case, loss_kwargs
 from .measure import case_views, make_step
 from .presets import COMPILED_REFERENCE, INF_CL, LIGHTLY, REFERENCE
@@ -47,10 +47,10 @@ def _check_against_reference(case: Case, z0: torch.Tensor, z1: torch.Tensor, los
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ntxent(benchmark, backend, mode):
     case = Case(backend, "macl", "ntxent", mode, N, D, "float32")
-    reason = ops.unavailable_reason(case, DEVICE)
+    reason = targets.unavailable_reason(case, DEVICE)
     if reason is not None:
         pytest.skip(reason)
-    fn = ops.build(case)
+    fn = targets.build(case)
     z0, z1 = case_views(case, N, torch.device(DEVICE))
     losses = []
     benchmark.extra_info.update(n=N, d=D, gflop=case.flops() / 1e9, device=DEVICE)
@@ -61,11 +61,11 @@ def test_ntxent(benchmark, backend, mode):
 @pytest.mark.parametrize("backend", [*fused_backends(DEVICE), INF_CL])
 def test_cross_sym_infonce(benchmark, backend):
     case = Case(backend, "infonce", "cross_sym", "fwd_bwd", N, D, "float32")
-    reason = ops.unavailable_reason(case, DEVICE)
+    reason = targets.unavailable_reason(case, DEVICE)
     if reason is not None:
         pytest.skip(reason)
     z0, z1 = case_views(case, N, torch.device(DEVICE))
     losses = []
     benchmark.extra_info.update(n=N, d=D, gflop=case.flops() / 1e9, device=DEVICE)
-    benchmark(_synchronized(make_step(ops.build(case), z0, z1, case.mode, losses)))
+    benchmark(_synchronized(make_step(targets.build(case), z0, z1, case.mode, losses)))
     _check_against_reference(case, z0, z1, losses[-1])

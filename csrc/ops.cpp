@@ -1,6 +1,6 @@
 // The op schemas of macl_kernels, declared once; each device registers its kernels in
 // its own file (cpu/negative_lse_cpu.cpp, cuda/negative_lse_cuda.cpp). The contract is
-// macl_kernels/backends/base.py; the fake kernels and autograd live in macl_kernels/_ops.py.
+// macl_kernels/backends/base.py; the fake kernels and autograd live in macl_kernels/_extension_ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -11,7 +11,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(macl_kernels, m) {
-  m.set_python_module("macl_kernels._ops");
+  m.set_python_module("macl_kernels._extension_ops");
   // lse[r] = log sum_{c not excluded for r} exp(x[r] . y[c] / tau); y = None: y is x.
   m.def("negative_lse(Tensor x, Tensor? y, Tensor excluded, Tensor tau) -> Tensor");
   // (dx, dy) for an upstream grad_lse; dy is empty (0 elements) when y is None (dx then

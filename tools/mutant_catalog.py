@@ -303,10 +303,10 @@ MUTANTS = [
         (f"{T_TORCH}::test_no_gradient_work_for_negatives_that_do_not_require_one",),
         "extra negatives that do not require a gradient still get one computed (and thrown away)",
     ),
-    # ---- the compiled ops' autograd (_ops.py, shared by cpp and cuda) ----
+    # ---- the compiled ops' autograd (_extension_ops.py, shared by cpp and cuda) ----
     Mutant(
-        "ops-negatives-gradient-not-required",
-        "macl_kernels/_ops.py",
+        "extension-ops-negatives-gradient-not-required",
+        "macl_kernels/_extension_ops.py",
         "need_dy = ctx.has_y and ctx.needs_input_grad[1]",
         "need_dy = ctx.has_y",
         (f"{T_CPP}::test_candidates_get_gradient_work_only_when_they_require_a_gradient",),

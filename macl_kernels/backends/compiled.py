@@ -10,7 +10,7 @@ kernel PyTorch dispatches by the inputs' device:
   fp32/fp64, an online log-sum-exp per anchor in the forward, and a deterministic
   backward: a pass that owns row blocks and a pass that owns column blocks.
 
-The op's autograd formula is in :mod:`macl_kernels._ops`; its backward is a kernel,
+The op's autograd formula is in :mod:`macl_kernels._extension_ops`; its backward is a kernel,
 so both backends are once differentiable.
 """
 
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .. import _ops
+from .. import _extension_ops
 from .base import Backend
 
 
@@ -39,10 +39,10 @@ class CompiledBackend(Backend):
                 f"it runs on {self.device_type.upper()} tensors only "
                 f"(backend={self.counterpart!r} is its {device.type.upper()} counterpart)"
             )
-        return _ops.unavailable_reason(device)
+        return _extension_ops.unavailable_reason(device)
 
     def negative_lse(self, x, y, excluded, tau):
-        return _ops.negative_lse(x, y, excluded, tau)
+        return _extension_ops.negative_lse(x, y, excluded, tau)
 
 
 CPP = CompiledBackend("cpp", "cpu", "CPU (C++ extension)", counterpart="cuda")

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import macl_kernels as mk
-from macl_kernels import _ops, backends
+from macl_kernels import _extension_ops, backends
 from macl_kernels._layouts import layout_exclusions
 from macl_kernels.backends.torch_chunked import TorchBackend
 from macl_kernels.testing import (
@@ -37,7 +37,7 @@ CPU = torch.device("cpu")
 
 def test_built_and_picked_by_auto():
     # Guards against a build or import failure silently removing "cpp" from the conformance suite.
-    assert _ops.LOAD_ERROR is None, _ops.LOAD_ERROR
+    assert _extension_ops.LOAD_ERROR is None, _extension_ops.LOAD_ERROR
     assert "cpp" in mk.available_backends("cpu")
     assert backends.resolve("auto", CPU).name == "cpp"
 
@@ -105,7 +105,7 @@ class _BackwardKernelCalls(TorchDispatchMode):
 
 @pytest.mark.parametrize("bank_requires_grad", [False, True])
 def test_candidates_get_gradient_work_only_when_they_require_a_gradient(bank_requires_grad):
-    # MATH.md section 8: a bank without gradient costs no gradient work (macl_kernels/_ops.py asks for no dy).
+    # MATH.md section 8: a bank without gradient costs no gradient work (macl_kernels/_extension_ops.py asks for no dy).
     z0, z1, bank = make_views(8, 4, seed=3, bank_rows=5)
     bank.requires_grad_(bank_requires_grad)
     loss = mk.macl_loss(z0.requires_grad_(True), z1, layout="queue", negatives=bank, backend="cpp")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import macl_kernels as mk
-from macl_kernels import _ops
+from macl_kernels import _extension_ops
 from macl_kernels._layouts import layout_exclusions
 from macl_kernels.testing import (
     LAYOUTS,
@@ -40,8 +40,8 @@ def views(n, d, dtype=torch.float32, seed=0, layout="ntxent", bank_rows=37):
 
 
 def test_built_with_cuda_kernels_and_available():
-    assert _ops.LOAD_ERROR is None, _ops.LOAD_ERROR
-    assert "cuda" in _ops.KERNEL_DEVICES, "rebuild the extension on this machine (or with MACL_KERNELS_CUDA=1)"
+    assert _extension_ops.LOAD_ERROR is None, _extension_ops.LOAD_ERROR
+    assert "cuda" in _extension_ops.KERNEL_DEVICES, "rebuild the extension here (or with MACL_KERNELS_CUDA=1)"
     assert "cuda" in mk.available_backends("cuda")
 
 

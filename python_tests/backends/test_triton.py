@@ -19,7 +19,7 @@ from macl_kernels._math import accumulation_dtype
 from macl_kernels.backends import torch_chunked
 from macl_kernels.backends import triton as triton_backend
 from macl_kernels.backends.triton import backend as backend_module
-from macl_kernels.backends.triton import backward, configs, forward, helpers, ops, prologue
+from macl_kernels.backends.triton import backward, configs, forward, helpers, operators, prologue
 from macl_kernels.backends.triton.launch import Launch
 from macl_kernels.testing import LAYOUTS, assert_matches_reference, assert_rel_close, make_views
 
@@ -177,8 +177,8 @@ def test_fp16_column_pass_keeps_tiny_weights():
     excluded = torch.full((m, 2), -1, dtype=torch.int32)
     tau = torch.tensor(1.0)
     h = torch.full((m,), 1e-5)
-    lse = ops.negative_lse(x.half(), y.half(), excluded, tau, False)
-    dy = ops.negative_lse_columns(x.half(), y.half(), excluded, tau, lse, h, False)
+    lse = operators.negative_lse(x.half(), y.half(), excluded, tau, False)
+    dy = operators.negative_lse_columns(x.half(), y.half(), excluded, tau, lse, h, False)
     y64 = y.clone().requires_grad_(True)
     torch_chunked.TorchBackend().negative_lse(x, y64, excluded, tau.double()).mul(h.double()).sum().backward()
     assert_rel_close(dy, y64.grad, 2e-3, "dy")
@@ -217,10 +217,10 @@ def test_row_op_takes_P_at_the_lse_it_is_given():
     excluded = torch.full((8, 2), -1, dtype=torch.int32)
     tau = torch.tensor(0.2, dtype=torch.float64)
     h = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-    lse = ops.negative_lse(x, y, excluded, tau, False)
-    dx = ops.negative_lse_rows(x, y, excluded, tau, lse, h, False)
+    lse = operators.negative_lse(x, y, excluded, tau, False)
+    dx = operators.negative_lse_rows(x, y, excluded, tau, lse, h, False)
     assert_rel_close(dx, (h / tau)[:, None] * torch.softmax(x @ y.T / tau, dim=1) @ y, 1e-12, "dx")
-    assert_rel_close(ops.negative_lse_rows(x, y, excluded, tau, lse + 1.0, h, False), dx / torch.e, 1e-12, "dx")
+    assert_rel_close(operators.negative_lse_rows(x, y, excluded, tau, lse + 1.0, h, False), dx / torch.e, 1e-12, "dx")
 
 
 @needs_interpreter
@@ -229,19 +229,19 @@ def test_forward_keeps_P_y_only_when_dx_will_be_needed(monkeypatch):
     excluded = torch.full((8, 2), -1, dtype=torch.int32)
     tau = torch.tensor(0.2, dtype=torch.float64)
     calls = []
-    real = ops._differentiable_lse_product  # the product op with its autograd formula
-    monkeypatch.setattr(ops, "_differentiable_lse_product", lambda *args: calls.append(1) or real(*args))
+    real = operators._differentiable_lse_product  # the product op with its autograd formula
+    monkeypatch.setattr(operators, "_differentiable_lse_product", lambda *args: calls.append(1) or real(*args))
     leaves = [x.clone().requires_grad_(True), y.clone().requires_grad_(True)]
-    ops.differentiable_negative_lse(*leaves, excluded, tau, False).sum().backward()
+    operators.differentiable_negative_lse(*leaves, excluded, tau, False).sum().backward()
     assert calls == [1]
     plain = [x.clone().requires_grad_(True), y.clone().requires_grad_(True)]
-    ops.negative_lse(*plain, excluded, tau, False).sum().backward()  # its backward recomputes P y
+    operators.negative_lse(*plain, excluded, tau, False).sum().backward()  # its backward recomputes P y
     for got, expected in zip(leaves, plain):
         assert_rel_close(got.grad, expected.grad, 1e-12, "gradient")
     with torch.no_grad():
-        ops.differentiable_negative_lse(*leaves, excluded, tau, False)
-    ops.differentiable_negative_lse(x, leaves[1], excluded, tau, False)  # no dx: the plain forward
-    ops.differentiable_negative_lse(leaves[0], None, excluded, tau, False)  # ntxent: the symmetric pass
+        operators.differentiable_negative_lse(*leaves, excluded, tau, False)
+    operators.differentiable_negative_lse(x, leaves[1], excluded, tau, False)  # no dx: the plain forward
+    operators.differentiable_negative_lse(leaves[0], None, excluded, tau, False)  # ntxent: the symmetric pass
     assert calls == [1]
 
 
@@ -261,7 +261,7 @@ def test_symmetric_backward_is_exact_with_one_exp_and_with_two():
     h = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) - 0.3
     for tau, one_exp in ((0.3, True), (0.002, False)):  # at 0.002 the lse spread over the rows is far above 96
         tau = torch.tensor(tau, dtype=torch.float64)
-        lse = ops.negative_lse(x, None, excluded, tau, False)
+        lse = operators.negative_lse(x, None, excluded, tau, False)
         launches = backward.rows_launches(x, excluded, tau, lse, h, False)
         assert bool(launches[0].args["shift_ptr"][1]) == one_exp
         x64 = x.clone().requires_grad_(True)
@@ -278,8 +278,8 @@ def test_normalize_gradcheck_with_missing_gradients():
     g = torch.Generator().manual_seed(5)
     z0 = torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     z1 = torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: ops.normalize(a, b)[:3], (z0, z1))
-    assert torch.autograd.gradcheck(lambda a, b: ops.normalize(a, b)[0], (z0, z1))  # u1 and s+ unused
+    assert torch.autograd.gradcheck(lambda a, b: operators.normalize(a, b)[:3], (z0, z1))
+    assert torch.autograd.gradcheck(lambda a, b: operators.normalize(a, b)[0], (z0, z1))  # u1 and s+ unused
 
 
 @needs_interpreter
@@ -300,7 +300,7 @@ def test_normalize_backward_of_a_zero_row_equals_autograd_of_f_normalize():
         u0, u1 = (torch.nn.functional.normalize(z, dim=1) for z in (a, b))
         return u0, u1, (u0 * u1).sum(1)
 
-    for got, expected in zip(grads(lambda a, b: ops.normalize(a, b)[:3]), grads(by_autograd)):
+    for got, expected in zip(grads(lambda a, b: operators.normalize(a, b)[:3]), grads(by_autograd)):
         assert_rel_close(got, expected, 1e-12, "dz")
 
 
@@ -309,7 +309,7 @@ def test_normalize_backward_of_a_zero_row_equals_autograd_of_f_normalize():
 def test_normalize_matches_torch(dtype):
     z0, z1, _ = make_views(19, 33, dtype, seed=6)
     wide = torch.cat([z0, z1], dim=1)  # strided column slices are read in place
-    u0, u1, cos, norm0, norm1 = ops.normalize(wide[:, :33], wide[:, 33:])
+    u0, u1, cos, norm0, norm1 = operators.normalize(wide[:, :33], wide[:, 33:])
     exp0, exp1 = (torch.nn.functional.normalize(z.double(), dim=1) for z in (z0, z1))
     tol = 1e-12 if dtype == torch.float64 else 1e-6 if dtype == torch.float32 else 1e-2
     assert u0.dtype == dtype and cos.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -325,7 +325,7 @@ def test_half_precision_rows_are_rounded_to_nearest(dtype):
     # The interpreter truncates fp32 -> bf16 where compiled Triton rounds: the kernels round by hand there.
     z0, z1, _ = make_views(50, 77, dtype, seed=5)
     # Truncation would miss about half of the elements by an ulp; a near-tie may flip on the norm's last bit.
-    for z, u in zip((z0, z1), ops.normalize(z0, z1)[:2]):
+    for z, u in zip((z0, z1), operators.normalize(z0, z1)[:2]):
         expected = torch.nn.functional.normalize(z.float(), dim=1).to(dtype)
         assert (u != expected).float().mean() < 0.01
         assert_rel_close(u, expected, 1e-3, "u")
@@ -339,8 +339,8 @@ def test_fake_kernels_give_shapes_and_dtypes_only():
         x = torch.empty(10, 4, dtype=torch.bfloat16)
         excluded = torch.empty(10, 2, dtype=torch.int32)
         tau = torch.empty((), dtype=torch.float32)
-        lse = ops.negative_lse(x, None, excluded, tau, False)
-        u0, u1, cos, norm0, _ = ops.normalize(x, x)
+        lse = operators.negative_lse(x, None, excluded, tau, False)
+        u0, u1, cos, norm0, _ = operators.normalize(x, x)
     assert (lse.shape, lse.dtype) == ((10,), torch.float32)
     assert (u0.shape, u0.dtype, cos.dtype, norm0.shape) == ((10, 4), torch.bfloat16, torch.float32, (10,))
 

@@ -101,19 +101,19 @@ def test_inductor_dynamic_step_is_one_graph_for_every_batch_size():
 
 
 def test_opcheck_of_the_triton_ops():
-    from macl_kernels.backends.triton import ops
+    from macl_kernels.backends.triton import operators
 
     g = torch.Generator().manual_seed(6)
     x = torch.nn.functional.normalize(torch.randn(40, 32, generator=g), dim=1).to(DEVICE)
     excluded = layout_exclusions("ntxent", 20, DEVICE)
     tau = torch.tensor(0.1, device=DEVICE)
-    torch.library.opcheck(ops.negative_lse, (x.clone().requires_grad_(True), None, excluded, tau, False))
+    torch.library.opcheck(operators.negative_lse, (x.clone().requires_grad_(True), None, excluded, tau, False))
     y = torch.nn.functional.normalize(torch.randn(30, 32, generator=g), dim=1).to(DEVICE)
     cross = torch.full((40, 2), -1, dtype=torch.int32, device=DEVICE)
     leaf = lambda t: t.clone().requires_grad_(True)  # noqa: E731
-    torch.library.opcheck(ops.negative_lse_product, (leaf(x), leaf(y), cross, tau, False))
+    torch.library.opcheck(operators.negative_lse_product, (leaf(x), leaf(y), cross, tau, False))
     z0, z1, _ = make_views(20, 32, seed=7, device=DEVICE)
-    torch.library.opcheck(ops.normalize, (z0.requires_grad_(True), z1.requires_grad_(True)))
+    torch.library.opcheck(operators.normalize, (z0.requires_grad_(True), z1.requires_grad_(True)))
 
 
 @pytest.mark.parametrize("layout", ["ntxent", "cross"])

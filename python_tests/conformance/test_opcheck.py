@@ -59,24 +59,24 @@ def extension_cases(dtype: torch.dtype) -> OpCases:
 
 def triton_cases(dtype: torch.dtype) -> OpCases:
     """The Triton backend's ops (``macl_kernels::triton_*``): opaque custom ops under the interpreter."""
-    from macl_kernels.backends.triton import ops
+    from macl_kernels.backends.triton import operators
 
     x, y, cross, ntxent, tau, upstream = _shared_inputs(dtype)
-    lse_cross = ops.negative_lse(x, y, cross, tau, False)
-    lse_ntxent = ops.negative_lse(x, None, ntxent, tau, False)
-    _, product = ops.negative_lse_product(x, y, cross, tau, False)  # P y, kept for the cross backward
+    lse_cross = operators.negative_lse(x, y, cross, tau, False)
+    lse_ntxent = operators.negative_lse(x, None, ntxent, tau, False)
+    _, product = operators.negative_lse_product(x, y, cross, tau, False)  # P y, kept for the cross backward
     z0, z1 = (_unit_rows(5, 7, seed, dtype) * 3 for seed in (10, 11))
     norm0, norm1 = (z.to(accumulation_dtype(dtype)).norm(dim=1) for z in (z0, z1))
     return {
-        "negative_lse with candidates": (ops.negative_lse, (_leaf(x), _leaf(y), cross, tau, False)),
-        "negative_lse ntxent": (ops.negative_lse, (_leaf(x), None, ntxent, tau, False)),
-        "negative_lse_product": (ops.negative_lse_product, (_leaf(x), _leaf(y), cross, tau, False)),
-        "rows from the product": (ops.negative_lse_product_rows, (x, lse_cross, product, tau, upstream)),
-        "rows": (ops.negative_lse_rows, (x, y, cross, tau, lse_cross, upstream, False)),
-        "rows symmetric": (ops.negative_lse_rows, (x, None, ntxent, tau, lse_ntxent, upstream, False)),
-        "columns": (ops.negative_lse_columns, (x, y, cross, tau, lse_cross, upstream, False)),
-        "normalize": (ops.normalize, (_leaf(z0), _leaf(z1))),
-        "normalize_backward": (ops.normalize_backward, (z0, z1, norm0, norm1, None, z1, upstream[:5])),
+        "negative_lse with candidates": (operators.negative_lse, (_leaf(x), _leaf(y), cross, tau, False)),
+        "negative_lse ntxent": (operators.negative_lse, (_leaf(x), None, ntxent, tau, False)),
+        "negative_lse_product": (operators.negative_lse_product, (_leaf(x), _leaf(y), cross, tau, False)),
+        "rows from the product": (operators.negative_lse_product_rows, (x, lse_cross, product, tau, upstream)),
+        "rows": (operators.negative_lse_rows, (x, y, cross, tau, lse_cross, upstream, False)),
+        "rows symmetric": (operators.negative_lse_rows, (x, None, ntxent, tau, lse_ntxent, upstream, False)),
+        "columns": (operators.negative_lse_columns, (x, y, cross, tau, lse_cross, upstream, False)),
+        "normalize": (operators.normalize, (_leaf(z0), _leaf(z1))),
+        "normalize_backward": (operators.normalize_backward, (z0, z1, norm0, norm1, None, z1, upstream[:5])),
     }
 
 

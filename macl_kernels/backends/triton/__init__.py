@@ -7,7 +7,7 @@ One module per kernel stage, in the spirit of Cut Cross-Entropy:
 - :mod:`.backward`: the deterministic row pass (``dx``) and column pass (``dy``);
 - :mod:`.helpers`: the shared ``tl.jit`` tile loads, dot and similarity tile;
 - :mod:`.configs`: tile shapes and autotuning; :mod:`.launch`: host-side launch helpers;
-- :mod:`.ops`: the ``torch.library`` operators (fake kernels, autograd);
+- :mod:`.operators`: the ``torch.library`` operators (fake kernels, autograd);
 - :mod:`.backend`: the :class:`TritonBackend` the registry uses.
 
 Importing this package imports only :mod:`.backend`: triton and the kernel modules

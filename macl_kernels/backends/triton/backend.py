@@ -1,6 +1,6 @@
 """``backend="triton"``: the fused Triton kernels behind the :class:`~macl_kernels.backends.base.Backend` contract.
 
-Triton and the kernels (:mod:`.ops`) are imported when the backend is first asked
+Triton and the kernels (:mod:`.operators`) are imported when the backend is first asked
 for on a device it can run on, not with ``macl_kernels``: importing triton and
 ``torch._inductor`` (which ``torch.library.triton_op`` pulls in) takes longer than
 the rest of the package and much memory, which a user of the CPU backends should
@@ -30,7 +30,7 @@ from ..base import Backend
 # Read once, like configs.INTERPRET, which the kernels read when they are imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-KERNELS = f"{__package__}.ops"  # importing it imports triton and registers the ops
+KERNELS = f"{__package__}.operators"  # importing it imports triton and registers the ops
 INSTALL_HINT = "install it with `pip install triton` (or `pip install 'macl_kernels[triton]'`)"
 IMPORT_ERROR: Optional[str] = None  # why importing the kernels failed, once it did
 
@@ -97,12 +97,12 @@ class TritonBackend(Backend):
         return None
 
     def normalize(self, z0, z1):
-        from . import ops  # imported by load_kernels already: a lookup in sys.modules
+        from . import operators  # imported by load_kernels already: a lookup in sys.modules
 
-        u0, u1, positive_cos, _, _ = ops.differentiable_normalize(z0, z1)
+        u0, u1, positive_cos, _, _ = operators.differentiable_normalize(z0, z1)
         return u0, u1, positive_cos
 
     def negative_lse(self, x, y, excluded, tau):
-        from . import ops
+        from . import operators
 
-        return ops.differentiable_negative_lse(x, y, excluded, tau, fp32_dots_use_tf32())
+        return operators.differentiable_negative_lse(x, y, excluded, tau, fp32_dots_use_tf32())

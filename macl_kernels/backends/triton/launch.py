@@ -14,7 +14,7 @@ def launcher(kernel):
     """``kernel`` wrapped so that make_fx / torch.compile record it as a graph node.
 
     Under TRITON_INTERPRET=1 the kernel is a Python function that needs real data,
-    so it is called directly (the ops are then registered opaque, see ops.py).
+    so it is called directly (the ops are then registered opaque, see operators.py).
     """
     if INTERPRET:
         return kernel
