@@ -296,6 +296,14 @@ MUTANTS = [
         "ntxent's y=None backward as 2 E X instead of (E + E^T) X",
     ),
     Mutant(
+        "torch-row-without-negatives-nan",
+        TORCH,
+        'shift = torch.where(lse == float("-inf"), float("inf"), lse)',
+        "shift = lse",
+        (f"{T_REFERENCE}::test_negative_lse_op_rows_without_negatives[torch-True-torch.float64]",),
+        "a row whose every candidate is excluded: exp(-inf - (-inf)) makes its gradient NaN",
+    ),
+    Mutant(
         "torch-negatives-gradient-not-required",
         TORCH,
         "need_dy = y is None or ctx.needs_input_grad[1]",

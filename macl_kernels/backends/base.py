@@ -13,7 +13,9 @@ All of the O(M*C) work of the loss is one operation (MATH.md sections 3-4):
   dot computed outside the op, so the op only ever sees negatives.
 - ``tau``: 0-dim tensor in the accumulation dtype on the inputs' device, read by
   the kernel (no host synchronization).
-- returns ``lse`` (M,) in the accumulation dtype (float32, float64 for float64).
+- returns ``lse`` (M,) in the accumulation dtype (float32, float64 for float64);
+  a row whose every candidate is excluded has ``lse = -inf`` and a zero gradient
+  (never NaN), whatever the exclusion table.
 
 Its gradient, for an upstream ``h = dL/dlse``: ``E[r, c] = (h[r] / tau) *
 exp(x[r].y[c] / tau - lse[r])`` on negative columns, 0 elsewhere; ``dx = E y``,

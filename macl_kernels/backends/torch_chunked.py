@@ -82,11 +82,13 @@ class _ChunkedNegativeLSE(torch.autograd.Function):
         cand = x_acc if y is None else y.to(acc)
         inv_tau = tau.to(acc).reciprocal()
         scale = (grad_lse.to(acc) * inv_tau)[:, None]  # h_r / tau, applied to the O(rows * D) products
+        # A row without negatives (lse = -inf, every logit -inf) gets P = 0, not exp(-inf - (-inf)) = NaN.
+        shift = torch.where(lse == float("-inf"), float("inf"), lse)
         dx = torch.empty_like(x_acc)
         dcand = torch.zeros_like(cand) if need_dy else None
         for start, stop in row_blocks(x.shape[0], cand.shape[0]):
             logits = _block_logits(x_acc[start:stop], cand, excluded[start:stop], inv_tau)
-            probs = logits.sub_(lse[start:stop, None]).exp_()  # E = scale * probs, never modified again
+            probs = logits.sub_(shift[start:stop, None]).exp_()  # E = scale * probs, never modified again
             dx[start:stop] = scale[start:stop] * (probs @ cand)
             if dcand is not None:
                 dcand.addmm_(probs.T, scale[start:stop] * x_acc[start:stop])

@@ -12,6 +12,7 @@ from macl_kernels.backends import resolve
 from macl_kernels.testing import (
     DTYPES,
     LAYOUTS,
+    TOLERANCE,
     assert_matches_reference,
     assert_rel_close,
     bitwise_equal,
@@ -148,6 +149,45 @@ def test_negative_lse_op_gradcheck(backend, with_candidates):
     else:
         excluded = layout_exclusions("ntxent", 3, DEVICE)
         assert torch.autograd.gradcheck(lambda a: impl.negative_lse(a, None, excluded, tau), (x,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_candidates", [True, False])
+def test_negative_lse_op_rows_without_negatives(backend, with_candidates, dtype):
+    """An anchor whose every candidate is excluded: lse = -inf and no gradient, never NaN (MATH.md section 8).
+
+    The loss never asks the op for such a row (a batch of one pair is handled around it), but
+    the op's contract holds for any exclusion table: finite input never yields NaN.
+    """
+    impl = resolve(backend, torch.device(DEVICE))
+    g = torch.Generator().manual_seed(11)
+    unit = lambda rows: F.normalize(torch.randn(rows, 3, generator=g, dtype=torch.float64), dim=1)  # noqa: E731
+    if with_candidates:  # rows 0 and 1 exclude both candidates; rows 2 and 3 keep one and two
+        x64, y64 = unit(4), unit(2)
+        excluded = torch.tensor([[0, 1], [1, 0], [0, -1], [-1, -1]], dtype=torch.int32)
+    else:  # two anchors that are each other's positive: no negatives at all (the table stays symmetric)
+        x64, y64 = unit(2), None
+        excluded = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32)
+    empty = torch.tensor([True, True, False, False][: x64.shape[0]])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tau = torch.tensor(0.3, dtype=acc, device=DEVICE)
+    h = torch.randn(x64.shape[0], generator=g, dtype=torch.float64)  # nonzero on the empty rows too
+    leaves = [t.to(device=DEVICE, dtype=dtype).requires_grad_(True) for t in (x64, y64) if t is not None]
+    lse = impl.negative_lse(leaves[0], leaves[1] if with_candidates else None, excluded.to(DEVICE), tau)
+    grads = torch.autograd.grad(lse, leaves, h.to(device=DEVICE, dtype=lse.dtype))
+    lse, grads = lse.cpu(), [grad.cpu() for grad in grads]
+    assert (lse[empty] == float("-inf")).all(), f"{backend}: lse of the rows without negatives {lse[empty].tolist()}"
+    assert all(torch.isfinite(grad).all() for grad in grads), f"{backend}: non-finite gradient"
+    assert (grads[0][empty] == 0).all(), f"{backend}: gradient of the rows without negatives"
+    if with_candidates:  # the other rows as the dense float64 op computes them, without the empty rows
+        x, y = (t.to(dtype).double().requires_grad_(True) for t in (x64, y64))
+        columns = torch.arange(2)
+        hidden = (columns == excluded[~empty, :1]) | (columns == excluded[~empty, 1:])
+        dense = (x[~empty] @ y.T / 0.3).masked_fill(hidden, float("-inf")).logsumexp(dim=1)
+        expected = torch.autograd.grad(dense, (x, y), h[~empty])
+        assert_rel_close(lse[~empty], dense.detach(), TOLERANCE[dtype], f"{backend} lse")
+        for name, got, want in zip(("dx", "dy"), grads, expected):
+            assert_rel_close(got, want, TOLERANCE[dtype], f"{backend} {name}")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
