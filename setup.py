@@ -174,12 +174,14 @@ def extension_and_command(torch):
     else:
         compile_args = {"cxx": CXX_FLAGS}
         make_extension = cpp_extension.CppExtension
+    # What the sources include (the CUDA kernels' device code is in .cuh files): a change rebuilds them.
+    headers = sorted(path for pattern in ("*.h", "*.cuh") for path in glob.glob(f"csrc/**/{pattern}", recursive=True))
     extension = make_extension(
         "macl_kernels._C",
         sources,
         define_macros=macros,
         include_dirs=include_dirs,
-        depends=glob.glob("csrc/**/*.h", recursive=True) + [TILE_PASSES],
+        depends=headers + [TILE_PASSES],
         extra_compile_args=compile_args,
         extra_link_args=LINK_FLAGS,
     )

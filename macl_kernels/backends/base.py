@@ -19,8 +19,11 @@ All of the O(M*C) work of the loss is one operation (MATH.md sections 3-4):
 
 Its gradient, for an upstream ``h = dL/dlse``: ``E[r, c] = (h[r] / tau) *
 exp(x[r].y[c] / tau - lse[r])`` on negative columns, 0 elsewhere; ``dx = E y``,
-``dy = E^T x``, returned in the input dtype. Only ``lse`` (O(M)) is saved; the
-tiles are recomputed. Everything per anchor (tau, d, V, the reduction) is shared
+``dy = E^T x``, returned in the input dtype. The tiles are recomputed in the
+backward, never saved: the saved state is ``lse`` (O(M)), and for the Triton
+backend's candidates path (``y`` given) also ``P y`` (M x D, accumulation dtype)
+when ``dx`` will be needed, so that ``dx = (h / tau) P y`` costs no pass over S
+(backends/triton/operators.py). Everything per anchor (tau, d, V, the reduction) is shared
 Python in :mod:`macl_kernels._math` and :mod:`macl_kernels._fused`.
 """
 

@@ -6,9 +6,12 @@ kernel PyTorch dispatches by the inputs' device:
 - ``cpp``: tiles of logits from BLAS gemms, folded into the log-sum-exps by one
   vectorized (at::vec, SLEEF exp) pass; the ntxent layout computes each symmetric
   tile once for both of its blocks. Deterministic, whatever the number of threads.
-- ``cuda``: tensor-core (WMMA) tiles for fp16/bf16 inputs and CUDA-core tiles for
-  fp32/fp64, an online log-sum-exp per anchor in the forward, and a deterministic
-  backward: a pass that owns row blocks and a pass that owns column blocks.
+- ``cuda``: a CTA owns a block of rows and streams the other side's rows through
+  shared memory (16-byte ``cp.async`` copies, two stages); fp16/bf16 score tiles on
+  the tensor cores (``mma.sync`` m16n8k16 fed by ``ldmatrix``), fp32/fp64 on the CUDA
+  cores (IEEE FMAs in the input type); an online log-sum-exp (exp2) per anchor in
+  the forward, and a deterministic backward: a pass that owns row blocks (``dx``) and
+  a pass that owns column blocks (``dy``), no atomics (csrc/cuda/negative_lse_kernels.cu).
 
 The op's autograd formula is in :mod:`macl_kernels._extension_ops`; its backward is a kernel,
 so both backends are once differentiable.
