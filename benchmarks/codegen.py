@@ -22,7 +22,8 @@ marks in ``picked`` which the prune hook would keep, and ``--write-table`` turns
 CSVs into the table: regenerate it whenever a kernel changes (``make codegen``
 fails when the table no longer holds).
 
-CUDA extension: every kernel of the built ``macl_kernels/_C*.so`` (``cuobjdump``).
+CUDA extension: every kernel of the built ``macl_kernels/_C*.so`` (``cuobjdump``); its
+loop columns are those of tools/cuda_inner_loops.py at D = 128 (:func:`cuda_loops`).
 
 Per compiled kernel: ``mma`` (wgmma / mma.sync / fma, from the PTX or SASS),
 ``pipeline`` (tma / cp.async / none), registers and static shared memory
@@ -96,10 +97,8 @@ COLUMNS = [
     "picked",
     "top_opcodes",
 ]
-# CUDA kernels: score elements each thread handles per iteration of the innermost exp loop, by
-# (kernel, dtype), from the tile shapes documented at the top of csrc/cuda/*.cu. A kernel missing
-# here gets empty loop columns (its loop's instruction count is still in top_opcodes).
-CUDA_ELEMENTS_PER_ITERATION: Dict[tuple, float] = {}
+# The CUDA kernels' loop columns are counted at this D by tools/cuda_inner_loops.py (see cuda_loops).
+CUDA_LOOP_D = 128
 
 
 def tool(name: str) -> str:
@@ -410,7 +409,7 @@ def write_table(table: Dict[tuple, tuple], path: str, command: str) -> None:
 
 
 CUDA_TYPES = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32", "double": "fp64"}
-CUDA_NAME = re.compile(r"(?P<kernel>\w+)<(?P<input>[\w:]+),")
+CUDA_NAME = re.compile(r"(?P<kernel>negative_lse_\w+)<(?P<input>[\w:]+)>")
 
 
 def demangle(names: List[str]) -> List[str]:
@@ -421,8 +420,40 @@ def demangle(names: List[str]) -> List[str]:
         return names
 
 
-def cuda_rows(library: str, archs: List[int]) -> List[dict]:
+def cuda_loops(arch: int, log) -> Dict[tuple, dict]:
+    """The loop columns of the CUDA kernels, per (kernel, input type): {} where they cannot be counted.
+
+    tools/cuda_inner_loops.py compiles csrc/cuda with the rare paths (masked tiles, the
+    chunked layout) compiled out and counts what a thread executes per streamed tile at
+    D = CUDA_LOOP_D, each nested loop (the k loop, the cp.async copies, the gradient
+    product) times its trips, over the score elements it holds per tile (its TILES: 32 for
+    fp16, bf16 and fp32, 16 for fp64, as csrc/cuda/negative_lse_kernels.cu's header says).
+    The extension's own loop, counted statically as the Triton kernels' are, would mislead:
+    its body also holds the rare paths, and its nested loops would count once.
+    """
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import cuda_inner_loops
+
+    try:
+        counts = cuda_inner_loops.measure(str(arch), CUDA_LOOP_D)
+    except (OSError, subprocess.CalledProcessError, SystemExit) as error:  # no nvcc, or a loop it cannot read
+        log(f"CUDA loop columns left empty for sm_{arch}: {error}")
+        return {}
+    return {
+        key: {
+            "d": CUDA_LOOP_D,
+            "sass_per_element": round(c["instructions"] / c["elements"], 2),
+            "mufu_per_element": round(c["MUFU"] / c["elements"], 3),
+            "sass_per_element_max": "",
+            "top_opcodes": f"common path: {c['instructions']:.0f} instructions / {c['elements']} elements per tile",
+        }
+        for key, c in counts.items()
+    }
+
+
+def cuda_rows(library: str, archs: List[int], log=print) -> List[dict]:
     """One row per kernel and architecture of the CUDA extension's shared library."""
+    loops = {arch: cuda_loops(arch, log) for arch in archs}
     functions = sass.parse_sass(run_tool(tool("cuobjdump"), "-sass", library))
     usage = {
         (u["name"], u["arch"]): u for u in sass.parse_res_usage(run_tool(tool("cuobjdump"), "-res-usage", library))
@@ -438,17 +469,14 @@ def cuda_rows(library: str, archs: List[int]) -> List[dict]:
         dtype = CUDA_TYPES.get(parsed["input"], parsed["input"]) if parsed else ""
         res = usage.get((function.name, function.arch), {})
         smem = res.get("shared", "")
-        loops = sass.tile_loops(function)
-        columns = sass.per_element(loops, CUDA_ELEMENTS_PER_ITERATION.get((kernel, dtype)))
-        if loops and not columns["top_opcodes"]:
-            columns["top_opcodes"] = f"loop:{min(loop.instructions for loop in loops)} instructions"
+        empty = {"d": "", "sass_per_element": "", "mufu_per_element": "", "sass_per_element_max": "", "top_opcodes": ""}
+        columns = loops[arch].get((kernel, parsed["input"] if parsed else ""), empty)
         rows.append(
             {
                 "kernel": f"cuda:{kernel}",
                 "layout": "-",
                 "arch": arch,
                 "dtype": dtype,
-                "d": "",
                 "block_m": "",
                 "block_n": "",
                 "block_d": "",
@@ -597,7 +625,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_table(verified_table(rows), args.write_table, command)
     libraries = sorted(glob.glob(os.path.join(ROOT, "macl_kernels", "_C*.so")))
     if not args.no_cuda and libraries:
-        rows += [r for r in cuda_rows(libraries[0], archs) if r["dtype"] in subset]
+        rows += [r for r in cuda_rows(libraries[0], archs, log) if r["dtype"] in subset]
     os.makedirs(args.out, exist_ok=True)
     write_csv(rows, os.path.join(args.out, "codegen.csv"))
     import triton

@@ -185,24 +185,32 @@ def census(instructions, dtype: str, dim: int, owner) -> Dict[str, float]:
     return counts
 
 
+KERNEL = re.compile(r"(negative_lse_(?:forward|rows_grad|cols_grad))<(\w+)>")
+
+
+def measure(arch: str, dim: int) -> Dict[Tuple[str, str], Dict[str, float]]:
+    """Per (kernel, input type as in TILES): instructions and MUFU per thread and tile, and its score elements."""
+    with tempfile.TemporaryDirectory() as workdir:
+        functions = parse(disassemble(arch, workdir))
+    owner = enclosing_functions()
+    found = {}
+    for mangled, name in zip(functions, check_spills.demangle(list(functions))):
+        match = KERNEL.search(name)
+        if match:
+            counts = census(functions[mangled], match.group(2), dim, owner)
+            found[match.groups()] = {**counts, "elements": TILES[match.group(2)]["elements"]}
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="90", help="compute capability without the dot (default 90)")
     parser.add_argument("--dim", type=int, default=128, help="embedding width D (default 128)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as workdir:
-        functions = parse(disassemble(args.arch, workdir))
-    owner = enclosing_functions()
-    names = check_spills.demangle(list(functions))
     print(f"sm_{args.arch}, D = {args.dim}, resident layout, common path, per thread and streamed tile:")
     print(f"{'kernel':38} {'instr':>7} {'elems':>5} {'instr/elem':>10} {'MUFU/elem':>9}")
-    for mangled, name in sorted(zip(functions, names), key=lambda pair: pair[1]):
-        match = re.search(r"(negative_lse_(?:forward|rows_grad|cols_grad))<(\w+)>", name)
-        if not match:
-            continue
-        kernel, dtype = match.groups()
-        counts = census(functions[mangled], dtype, args.dim, owner)
-        elements = TILES[dtype]["elements"]
+    for (kernel, dtype), counts in sorted(measure(args.arch, args.dim).items()):
+        elements = counts["elements"]
         print(
             f"{kernel + '<' + dtype + '>':38} {counts['instructions']:7.0f} {elements:5d} "
             f"{counts['instructions'] / elements:10.1f} {counts['MUFU'] / elements:9.2f}"
