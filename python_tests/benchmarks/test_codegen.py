@@ -145,3 +145,13 @@ def test_the_table_module_round_trips(tmp_path):
     namespace = {}
     exec(path.read_text(), namespace)
     assert namespace["CLEAN"] == table and "--all-configs" in namespace["__doc__"]
+
+
+def test_cuda_kernel_names_give_the_kernel_and_its_input_type():
+    # The demangled names hold a second template (Params<T, ...>) that must not be taken for the kernel.
+    name = (
+        "void macl::cuda::(anonymous namespace)::negative_lse_rows_grad<__nv_bfloat16>"
+        "(macl::cuda::(anonymous namespace)::Params<__nv_bfloat16, float>)"
+    )
+    parsed = codegen.CUDA_NAME.search(name)
+    assert (parsed["kernel"], codegen.CUDA_TYPES[parsed["input"]]) == ("negative_lse_rows_grad", "bf16")
