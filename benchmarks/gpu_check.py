@@ -1,14 +1,21 @@
-"""Large-size correctness and bitwise determinism of every fused backend: step 2 of benchmarks/gpu_check.sh.
+"""Large-size correctness and bitwise determinism of every fused backend: the smoke and gpu_check steps of
+benchmarks/gpu_check.sh.
 
-    python -m benchmarks.gpu_check --out DIR [--device cuda|cpu] [--preset gpu|tiny] [--budget-s S]
+    python -m benchmarks.gpu_check --out DIR [--name NAME] [--tables DIR] [--device cuda|cpu]
+                                   [--preset gpu|smoke|tiny] [--budget-s S]
 
 For each size (``ntxent``, the default MACL settings) every fused backend on the
 device computes the loss and both input gradients twice: the two runs must be
 bitwise identical, and they are compared with the float64 dense reference where
 its M x C matrices fit in memory, beyond that with the ``torch`` backend in
 float64: each error is the largest relative error of a row
-(``macl_kernels.testing.relative_error``), against MATH.md section 6's bounds. Writes DIR/gpu_check.csv and
-DIR/gpu_check.md, prints the table, and exits non-zero if any case fails.
+(``macl_kernels.testing.relative_error``), against MATH.md section 6's bounds. Writes DIR/NAME.csv (NAME: gpu_check by
+default), rewritten after every case so that a run killed midway keeps what it measured,
+and the markdown table NAME.md (in the --tables folder, DIR by default); prints the table,
+and exits non-zero if any case fails. The ``smoke`` preset (one small and one large case,
+bf16: a minute on a GPU, most of it the kernels' first compilation) comes first on the GPU,
+so that a broken backend shows before the long steps, and the later steps find the compiled
+kernels in Triton's cache.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from macl_kernels.testing import (
 REFERENCE_MAX_CELLS = 1 << 27
 PRESETS: Dict[str, dict] = {
     "gpu": dict(sizes=[4096, 65536], dims=[128, 256], dtypes=[torch.bfloat16, torch.float32]),
+    "smoke": dict(sizes=[256, 16384], dims=[128], dtypes=[torch.bfloat16]),
     "tiny": dict(sizes=[8, 40], dims=[16], dtypes=[torch.bfloat16, torch.float32]),
 }
 COLUMNS = ["backend", "n", "d", "dtype", "oracle", "loss_err", "dz0_err", "dz1_err", "tol", "deterministic", "seconds"]
@@ -45,7 +53,9 @@ COLUMNS = ["backend", "n", "d", "dtype", "oracle", "loss_err", "dz0_err", "dz1_e
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder of NAME.csv")
+    p.add_argument("--name", default="gpu_check", help="file names NAME.csv and NAME.md (default: gpu_check)")
+    p.add_argument("--tables", help="folder of NAME.md (default: --out)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on cuda, tiny on cpu")
     p.add_argument("--budget-s", type=float, default=150.0, help="cases that would start later are skipped")
@@ -84,9 +94,9 @@ def verdict(row: dict) -> str:
     return "ok" if errors_ok and row["deterministic"] else "FAIL"
 
 
-def markdown(rows: List[dict], device_name: str) -> str:
+def markdown(rows: List[dict], device_name: str, name: str = "gpu_check") -> str:
     lines = [
-        f"### Large-size correctness and determinism on {device_name}",
+        f"### {name}: correctness against float64 and bitwise determinism on {device_name}",
         "",
         "| backend | N | D | dtype | oracle | loss err | dz0 err | dz1 err | tol | bitwise | s (2 runs) | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -103,10 +113,20 @@ def markdown(rows: List[dict], device_name: str) -> str:
     return "\n".join(lines)
 
 
+def write_csv(rows: List[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "verdict"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**r, "verdict": verdict(r)} for r in rows)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset or ("gpu" if args.device == "cuda" else "tiny")]
+    tables = args.tables or args.out
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(tables, exist_ok=True)
+    csv_path = os.path.join(args.out, f"{args.name}.csv")
     backends = fused_backends(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"backends on {args.device}: {backends}", flush=True)
@@ -124,6 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as exc:
             traceback.print_exc()
             rows += [{**base, "backend": b, "note": f"no oracle: {type(exc).__name__}"} for b in backends]
+            write_csv(rows, csv_path)
             continue
         for backend in backends:
             row = {**base, "backend": backend}
@@ -133,17 +154,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 traceback.print_exc()
                 row["note"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
             rows.append(row)
+            write_csv(rows, csv_path)  # after every case: a run killed midway keeps its rows
             print({k: row.get(k) for k in [*COLUMNS, "note"] if k in row}, flush=True)
         del z0, z1, truth
         if args.device == "cuda":
             torch.cuda.empty_cache()
 
-    with open(os.path.join(args.out, "gpu_check.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "verdict"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({**r, "verdict": verdict(r)} for r in rows)
-    table = markdown(rows, device_name)
-    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+    write_csv(rows, csv_path)
+    table = markdown(rows, device_name, args.name)
+    with open(os.path.join(tables, f"{args.name}.md"), "w") as f:
         f.write(table + "\n")
     print(table)
     failed = [r for r in rows if verdict(r) == "FAIL" or verdict(r).startswith("error")]

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# The project's one GPU command: build, every test on the GPU, large-size correctness, the timing table.
+# The project's one GPU command: build, a smoke test, every test on the GPU, large-size correctness, timings.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR             # on the GPU machine: system python3, no network
 #   bash benchmarks/gpu_check.sh OUTDIR --dry-run   # the same steps on a CPU: TRITON_INTERPRET=1, tiny sizes
 #
-# Wheels carried in .whl/ (lightly, inf-cl: not preinstalled there) are installed into /tmp/site
-# first. Steps: build (pip install -e .), conformance suite on the device, gpu-marked tests,
-# benchmarks.gpu_check (large sizes vs the reference, bitwise determinism), benchmarks.run (timings).
-# Each step logs to OUTDIR/<step>.log and has a time cap, so even the worst case stays under
-# GPU_CHECK_BUDGET_S (default 560 s, inside the device tool's 600 s per command); a failing step
-# does not stop the next. The summary, the correctness table and, last, the timing table are
-# printed at the end. Exit status: 0 if every step passed. PYTHON overrides the interpreter
-# (default: python3; .venv/bin/python for --dry-run).
+# Made for one short lease (benchmarks/RESULTS.md): OUTDIR may be the device tool's $OUT, which
+# brings back at most 8 files, 2 folders deep, also when the command is killed. So OUTDIR only
+# ever holds 7 files, each rewritten the moment its step (or, for the tables, its case) ends:
+#   summary.txt       the machine, then one line per finished step, then the tables
+#   logs.tar.gz       every step's log and markdown table so far (the logs themselves are in a work folder)
+#   smoke.csv         one small and one large case per GPU backend (benchmarks.gpu_check --preset smoke)
+#   gpu_check.csv     large-size correctness and bitwise determinism (benchmarks.gpu_check)
+#   bench/results.csv, bench/results.md, bench/machine.json   the timings (benchmarks.run; no plots:
+#                     `python -m benchmarks.report DIR` draws them from the CSV afterwards)
+# Steps, in this order, each under its own time cap, none stopped by an earlier one's failure:
+# machine, wheels (.whl/*.whl, carried: not preinstalled there, into /tmp/site), build
+# (pip install -e .), smoke, conformance (the suite on the device), gpu_tests (gpu-marked
+# tests), gpu_check, bench (the headline cases first: see benchmarks/presets.py). The caps keep
+# the worst case within GPU_CHECK_BUDGET_S (default 470 s, so under 8 minutes). Exit status: 0
+# if every step passed. PYTHON overrides the interpreter (default: python3; .venv/bin/python for
+# --dry-run); GPU_CHECK_WORK, the work folder of the logs (default: a new temporary folder).
 set -u -o pipefail
 
 usage() { echo "usage: bash benchmarks/gpu_check.sh OUTDIR [--dry-run]" >&2; exit 2; }
@@ -21,7 +29,9 @@ case "${2:-}" in "") ;; --dry-run) DRY=1 ;; *) usage ;; esac
 mkdir -p "$1" && OUT=$(cd "$1" && pwd) || usage
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
-BUDGET_S=${GPU_CHECK_BUDGET_S:-560}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
+WORK=${GPU_CHECK_WORK:-$(mktemp -d)}
+mkdir -p "$WORK" || usage
 SECONDS=0
 
 if [ "$DRY" = 1 ]; then
@@ -32,13 +42,15 @@ if [ "$DRY" = 1 ]; then
     DEVICE=cpu PRESET=tiny
     CONFORMANCE_ARGS=(-k "test_two_pairs_every_layout or test_statistics_match_reference")
     BENCH_ARGS=(--backends triton,reference --sizes 64 --layouts ntxent)
-    CAPS=(0 60 30 60)
+    SMOKE_PRESET=tiny
+    CAPS=(0 60 60 30 60)
 else
     PY=${PYTHON:-python3}
     DEVICE=cuda PRESET=gpu
     CONFORMANCE_ARGS=()
     BENCH_ARGS=()
-    CAPS=(150 170 80 80)  # build, conformance, gpu tests, gpu_check; the benchmark gets the rest
+    SMOKE_PRESET=smoke
+    CAPS=(150 60 100 60 50)  # build, smoke, conformance, gpu tests, gpu_check; the benchmark gets the rest
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PIP_BREAK_SYSTEM_PACKAGES=1  # the GPU machine's system python3 may be marked externally managed
@@ -47,29 +59,41 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}  # parallel compilation of the C++/CUDA ex
 SUMMARY=()
 FAILED=0
 
-# step NAME CAP_S COMMAND... : run COMMAND under a time cap, log to OUT/NAME.log, record the outcome.
+# publish LINE...: append to OUT/summary.txt and repack the work folder into OUT/logs.tar.gz
+# (written beside, then renamed: a kill never leaves half an archive).
+publish() {
+    printf '%s\n' "$@" >>"$OUT/summary.txt"
+    tar -C "$WORK" -czf "$OUT/.logs.tar.gz" . && mv -f "$OUT/.logs.tar.gz" "$OUT/logs.tar.gz"
+}
+
+# step NAME CAP_S COMMAND... : run COMMAND under a time cap, log to WORK/NAME.log, publish the outcome.
 step() {
-    local name=$1 cap=$2 start=$SECONDS rc status
+    local name=$1 cap=$2 start=$SECONDS rc status line
     shift 2
     echo "== $name (cap ${cap}s): $*"
-    timeout --kill-after=10 "$cap" "$@" >"$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$cap" "$@" >"$WORK/$name.log" 2>&1
     rc=$?
     case $rc in
         0) status=ok ;;
         124 | 137) status="TIMEOUT after ${cap}s"; FAILED=1 ;;
         *) status="FAILED (exit $rc)"; FAILED=1 ;;
     esac
-    tail -n 3 "$OUT/$name.log" | sed 's/^/   | /'
-    SUMMARY+=("$(printf '%-12s %-22s %4d s  %s' "$name" "$status" $((SECONDS - start)) "$OUT/$name.log")")
+    tail -n 3 "$WORK/$name.log" | sed 's/^/   | /'
+    line=$(printf '%-12s %-22s %4d s  (at %d s)  %s' "$name" "$status" $((SECONDS - start)) "$SECONDS" "$name.log")
+    SUMMARY+=("$line")
+    publish "$line"
 }
 
+rm -f "$OUT/summary.txt"
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  dry-run: $DRY  device: $DEVICE  python: $PY"
     "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__,
         "| triton", triton.__version__, "| cuda", torch.version.cuda)'
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-} >"$OUT/machine.log" 2>&1
-cat "$OUT/machine.log"
+    command -v nvidia-smi >/dev/null && nvidia-smi
+} >"$WORK/machine.log" 2>&1
+cat "$WORK/machine.log"
+publish "$(head -n 4 "$WORK/machine.log")" "" "steps (name, outcome, seconds, log in logs.tar.gz):"
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     step wheels 60 "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -82,27 +106,37 @@ else
     step build "${CAPS[0]}" "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
 
-MACL_TEST_DEVICE=$DEVICE step conformance "${CAPS[1]}" \
+# The Triton backend needs no build: every step after it runs whatever the build gave.
+step smoke "${CAPS[1]}" "$PY" -m benchmarks.gpu_check --device "$DEVICE" --preset "$SMOKE_PRESET" \
+    --out "$OUT" --tables "$WORK" --name smoke --budget-s $((CAPS[1] - 20 > 10 ? CAPS[1] - 20 : 10))
+MACL_TEST_DEVICE=$DEVICE step conformance "${CAPS[2]}" \
     "$PY" -m pytest python_tests/conformance -q -p no:cacheprovider "${CONFORMANCE_ARGS[@]}"
-step gpu_tests "${CAPS[2]}" "$PY" -m pytest -m gpu python_tests -q -p no:cacheprovider
-step gpu_check "${CAPS[3]}" "$PY" -m benchmarks.gpu_check --device "$DEVICE" --preset "$PRESET" --out "$OUT" \
-    --budget-s $((CAPS[3] - 40 > 10 ? CAPS[3] - 40 : 10))
+step gpu_tests "${CAPS[3]}" "$PY" -m pytest -m gpu python_tests -q -p no:cacheprovider
+step gpu_check "${CAPS[4]}" "$PY" -m benchmarks.gpu_check --device "$DEVICE" --preset "$PRESET" \
+    --out "$OUT" --tables "$WORK" --budget-s $((CAPS[4] - 30 > 10 ? CAPS[4] - 30 : 10))
 
-# The benchmark gets what is left; its own sweep budget ends it before the cap, so results.md is written.
+# The benchmark gets what is left; its own sweep budget ends it before the cap, so results.md is
+# written. It writes into OUT directly: results.csv grows after every case.
 BENCH_CAP=$((BUDGET_S - SECONDS - 10))
-[ "$BENCH_CAP" -lt 90 ] && BENCH_CAP=90
-BENCH_MINUTES=$(awk -v s="$BENCH_CAP" 'BEGIN { printf "%.1f", (s - 40) / 60 }')
+[ "$BENCH_CAP" -lt 60 ] && BENCH_CAP=60
+BENCH_MINUTES=$(awk -v s="$BENCH_CAP" 'BEGIN { printf "%.1f", (s - 30) / 60 }')
 step bench "$BENCH_CAP" "$PY" -m benchmarks.run --device "$DEVICE" --preset "$PRESET" --out "$OUT/bench" \
-    --max-minutes "$BENCH_MINUTES" "${BENCH_ARGS[@]}"
+    --max-minutes "$BENCH_MINUTES" --no-plots "${BENCH_ARGS[@]}"
 
-echo
-echo "== summary ($SECONDS s, logs and tables in $OUT)"
-printf '%s\n' "${SUMMARY[@]}"
-echo
-[ -f "$OUT/gpu_check.md" ] && cat "$OUT/gpu_check.md" && echo
-if [ -f "$OUT/bench/results.md" ]; then
-    cat "$OUT/bench/results.md"
-else
-    echo "no timing table: see $OUT/bench.log"
-fi
+{
+    echo
+    echo "== summary ($SECONDS s; tables in $OUT, logs in $OUT/logs.tar.gz)"
+    printf '%s\n' "${SUMMARY[@]}"
+    echo
+    for table in smoke gpu_check; do
+        [ -f "$WORK/$table.md" ] && cat "$WORK/$table.md" && echo
+    done
+    if [ -f "$OUT/bench/results.md" ]; then
+        cat "$OUT/bench/results.md"
+    else
+        echo "no timing table: see bench.log in $OUT/logs.tar.gz"
+    fi
+} >"$WORK/tables.txt"
+publish "" "$(cat "$WORK/tables.txt")"
+cat "$WORK/tables.txt"
 exit $FAILED

@@ -34,3 +34,17 @@ def test_gpu_preset_has_both_dtypes_dims_modes_and_inf_cl():
     assert {c.dtype for c in cases} == {"bfloat16", "float32"} and {c.d for c in cases} == {128, 256}
     assert {c.mode for c in cases} == {"fwd", "fwd_bwd"} and max(c.n for c in cases) == 65536
     assert {c.layout for c in cases if c.backend == INF_CL} == {"cross_sym"}
+
+
+def test_gpu_preset_measures_the_headline_first():
+    """Issue 9: a cut-short GPU run still has bf16 D = 128 at 8192 and 32768 for every backend, then fp32, D = 256."""
+    fused = ["torch", "triton", "cuda"]
+    cases = make_preset("gpu", "cuda", fused).cases
+    key = lambda c: (c.layout, c.mode, c.d, c.dtype)  # noqa: E731
+    headline = [(c.backend, c.n) for c in cases[:12]]
+    assert {key(c) for c in cases[:12]} == {("ntxent", "fwd_bwd", 128, "bfloat16")}
+    assert set(headline) == {(b, n) for b in [*fused, LIGHTLY, REFERENCE, COMPILED_REFERENCE] for n in (8192, 32768)}
+    assert {key(c) for c in cases[12:18]} == {("ntxent", "fwd_bwd", 128, "float32")}
+    assert {key(c)[2] for c in cases[18:22]} == {256}
+    assert make_preset("gpu", "cuda", fused).limits.headline_n == 32768
+
