@@ -47,4 +47,3 @@ def test_gpu_preset_measures_the_headline_first():
     assert {key(c) for c in cases[12:18]} == {("ntxent", "fwd_bwd", 128, "float32")}
     assert {key(c)[2] for c in cases[18:22]} == {256}
     assert make_preset("gpu", "cuda", fused).limits.headline_n == 32768
-
