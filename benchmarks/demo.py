@@ -95,8 +95,17 @@ class Variant:
     legend: str = ""  # its name in the plot (default: label)
 
 
+STEPS_SMALL, STEPS_LARGE, LARGE_FROM = 2, 1, 8192  # the largest steps take a minute on a 2-core CPU
+
+
 def steps_for(batch: int) -> int:
-    return 2 if batch <= 4096 else 1  # the largest steps take a minute on a 2-core CPU
+    return STEPS_LARGE if batch >= LARGE_FROM else STEPS_SMALL
+
+
+STEPS_NOTE = (
+    f"  time/step: median of {STEPS_SMALL} steps below batch {LARGE_FROM}, "
+    f"{STEPS_LARGE} step from {LARGE_FROM} on (marked *)"
+)
 
 
 def sweep(variants: List[Variant], batches: List[int], budget_gib: float, timeout_s: float, log) -> List[Dict]:
@@ -106,6 +115,7 @@ def sweep(variants: List[Variant], batches: List[int], budget_gib: float, timeou
         f"  {'batch':>6} | "
         + " | ".join(f"{v.label + ': time/step':>{w}} {'peak':>10}" for v, w in zip(variants, widths))
     )
+    log(STEPS_NOTE)
     failed_at: Dict[str, int] = {}
     results: List[Dict] = []
     for batch in batches:
@@ -119,7 +129,8 @@ def sweep(variants: List[Variant], batches: List[int], budget_gib: float, timeou
             else:
                 payload = json.dumps({**v.payload, "batch": batch, "budget_gib": budget_gib, "steps": steps_for(batch)})
                 outcome = run_isolated("benchmarks.demo_large_batch", [payload], timeout_s=timeout_s)
-                row[v.key] = {"status": outcome.status, "note": outcome.note, **outcome.result}
+                row[v.key] = {"status": outcome.status, "note": outcome.note, "steps": steps_for(batch),
+                              **outcome.result}  # fmt: skip
                 if outcome.status != "ok":
                     failed_at[v.key] = batch
         results.append(row)
@@ -130,7 +141,8 @@ def sweep(variants: List[Variant], batches: List[int], budget_gib: float, timeou
 def _cells(r: Dict, width: int) -> str:
     if r["status"] != "ok":
         return f"{r['status']:>{width}} {'':>10}"
-    return f"{format_seconds(r['step_s']):>{width}} {format_mib(r['peak_bytes'] / 2**20):>10}"
+    single = "*" if r.get("steps") == 1 else ""  # one step: no median, no spread
+    return f"{format_seconds(r['step_s']) + single:>{width}} {format_mib(r['peak_bytes'] / 2**20):>10}"
 
 
 def largest_batches(results: List[Dict], variants: List[Variant]) -> Dict[str, Optional[int]]:
@@ -219,14 +231,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     started = time.perf_counter()
     host = machine.describe("cpu")
-    log(f"make demo, {host['date']}: {host['host']}; torch {host['torch']}, {host['torch_threads']} threads")
+    log(
+        f"make demo, {host['date']}: {host['host']}; torch {host['torch']}, {host['torch_threads']} threads; "
+        f"load average {host['load_average']} at the start"
+    )
     curves = learning_part(args.epochs, args.seeds, args.backend, log)
     plot_training(curves, os.path.join(args.out, "training.png"))
     large_batch, variants = large_batch_part(args, log)
     plot_sweep(large_batch, variants, args.budget_gib, os.path.join(args.out, "large_batch.png"))
     grad_cache, variants = grad_cache_part(args, log)
     plot_sweep(grad_cache, variants, args.cache_budget_gib, os.path.join(args.out, "grad_cache.png"))
-    log(f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {args.out}")
+    log(
+        f"demo finished in {time.perf_counter() - started:.0f} s, load average {machine.load_average()} at the end; "
+        f"outputs in {args.out}"
+    )
     with open(os.path.join(args.out, "summary.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, "demo.json"), "w") as f:

@@ -38,8 +38,16 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def load_average() -> str:
+    """The 1-minute load average ("n/a" where the OS has none): how busy the machine was, beside its times."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (OSError, AttributeError):
+        return "n/a"
+
+
 def describe(device: str) -> Dict[str, str]:
-    """Device name, CPU, memory, OS and versions; CUDA is only queried for a CUDA device."""
+    """Device name, CPU, memory, OS, versions and load; CUDA is only queried for a CUDA device."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cpu = f"{_cpu_name()}, {cpus} cores, {_memory_gib():.0f} GiB RAM"
     if torch.device(device).type == "cuda":
@@ -58,5 +66,6 @@ def describe(device: str) -> Dict[str, str]:
         "triton": _version("triton"),
         "cuda": torch.version.cuda or "none",
         "torch_threads": str(torch.get_num_threads()),
+        "load_average": load_average(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }

@@ -202,6 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # The sweep's own wall-clock time, in its outputs: the only source for a claim about it.
     sweep["elapsed_s"] = round(time.monotonic() - planner.started, 1)
+    sweep["load_average_at_end"] = machine.load_average()
     sweep["unavailable"] = unavailable_fused(args.device)
     write_json(sweep, os.path.join(args.out, "machine.json"))
     text = report.write_markdown(rows, sweep, args.out)

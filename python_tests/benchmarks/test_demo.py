@@ -92,10 +92,24 @@ def test_sweep_skips_a_variant_after_its_failure_and_reports_the_largest_batch(m
 
     monkeypatch.setattr(demo, "run_isolated", fake_run)
     variants = [demo.Variant("uncached", "uncached", {"chunk": 0}), demo.Variant("cached", "cached", {"chunk": 64})]
-    results = demo.sweep(variants, demo.doublings(256, 1024), 1.0, 10.0, log=lambda line: None)
+    lines = []
+    results = demo.sweep(variants, demo.doublings(256, 1024), 1.0, 10.0, log=lines.append)
     assert calls == [(0, 256), (64, 256), (0, 512), (64, 512), (64, 1024)]
     assert results[2]["uncached"]["status"] == "skipped" and "512" in results[2]["uncached"]["note"]
     assert demo.largest_batches(results, variants) == {"uncached": 256, "cached": 1024}
+    assert demo.STEPS_NOTE in lines
+
+
+def test_single_step_timings_are_marked(monkeypatch):
+    """A time from one step (the largest batches) says so: it is no median."""
+    monkeypatch.setattr(
+        demo, "run_isolated", lambda module, args, timeout_s: Outcome("ok", {"step_s": 2.0, "peak_bytes": 1})
+    )
+    variant = demo.Variant("fused", "fused", {})
+    lines = []
+    results = demo.sweep([variant], [demo.LARGE_FROM // 2, demo.LARGE_FROM], 1.0, 10.0, log=lines.append)
+    assert [r["fused"]["steps"] for r in results] == [demo.STEPS_SMALL, 1]
+    assert "*" not in lines[-2] and "s*" in lines[-1]
 
 
 @pytest.mark.slow

@@ -8,3 +8,9 @@ def test_the_package_version_is_recorded():
     env = machine.describe("cpu")
     assert env["macl_kernels"] == mk.__version__
     assert "macl_kernels" in report.COLUMNS  # the CSV column make_row fills from it
+
+
+def test_the_load_average_is_recorded():
+    """Times measured on a busy machine say so (the README quotes the load from these files)."""
+    load = machine.describe("cpu")["load_average"]
+    assert load == "n/a" or float(load) >= 0
