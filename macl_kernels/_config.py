@@ -133,6 +133,14 @@ def check_inputs(z0, z1, negatives: Optional[torch.Tensor], layout: str) -> None
         raise ValueError(f"negatives must be on the device of z0 ({z0.device}), got {negatives.device}")
 
 
+def check_temperature_device(temperature, device: torch.device) -> None:
+    """A tensor temperature is on the inputs' device, or a CPU scalar (torch moves those into any device's ops)."""
+    if isinstance(temperature, torch.Tensor) and temperature.device not in (device, torch.device("cpu")):
+        raise ValueError(
+            f"temperature as a tensor must be on the device of z0 ({device}) or on the CPU, got {temperature.device}"
+        )
+
+
 def promote(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
     """The tensors (None skipped) cast to their widest floating dtype, where mixed precision is computed.
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import backends, distributed
-from ._config import DEFAULT_MIN_TEMPERATURE, MACLConfig, _check_matrix, check_inputs, promote
+from ._config import DEFAULT_MIN_TEMPERATURE, MACLConfig, _check_matrix, check_inputs, check_temperature_device, promote
 from ._fused import fused_macl_loss
 from ._stats import MACLStats
 from .backends.reference import macl_loss_reference
@@ -41,6 +41,7 @@ def _run(z0, z1, negatives, cfg: MACLConfig, backend: str, return_stats: bool) -
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     check_inputs(z0, z1, negatives, cfg.layout)
+    check_temperature_device(cfg.temperature, z0.device)
     # Mixed precision (one view bf16 under autocast, the other fp32): computed in the wider dtype,
     # and without autocast, which would run the dense and pure-PyTorch matmuls in bf16.
     z0, z1, negatives = promote(z0, z1, negatives)

@@ -104,6 +104,13 @@ def test_module_temperature_must_be_a_parameter_to_learn():
     assert list(fixed.parameters()) == [] and "temperature" in dict(fixed.named_buffers())
 
 
+def test_temperature_tensor_on_another_device_is_refused():
+    """A CPU scalar works with inputs on any device; any other device is an error naming the temperature."""
+    assert torch.isfinite(mk.macl_loss(Z, Z, temperature=torch.tensor(0.2)))
+    with pytest.raises(ValueError, match="temperature as a tensor must be on the device of z0"):
+        mk.macl_loss(Z, Z, temperature=torch.tensor(0.2, device="meta"))
+
+
 def test_a_loss_with_a_bank_takes_no_other_negatives():
     criterion = mk.NTXentLoss(memory_bank_size=(8, 3))
     with pytest.raises(ValueError, match="memory bank"):
