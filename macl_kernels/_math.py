@@ -47,9 +47,12 @@ def anchor_loss_value(d: torch.Tensor, reweight: bool, eps: float) -> torch.Tens
         return nll / (torch.sigmoid(-d) + eps)
     # eps = 0: V = 1 + e^d overflows for large d while softplus(-d) underflows.
     # For d > 0 write e^d * softplus(-d) = log1p(t) / t with t = e^-d in (0, 1],
-    # which tends to 1 as t -> 0 (MATH.md: loss >= 1 always).
+    # which tends to 1 as t -> 0 (MATH.md: loss >= 1 always). Below the dtype's epsilon the ratio
+    # 1 - t/2 + ... is 1 to rounding, and is taken as 1: a subnormal t (float32: 87 < d < 104) has
+    # too few bits to divide by (clamping it to the smallest normal number made the ratio ~0).
     t = torch.exp(-d.clamp_min(0))
-    ratio = torch.where(t > 0, torch.log1p(t) / t.clamp_min(torch.finfo(d.dtype).tiny), torch.ones_like(t))
+    small = t < torch.finfo(d.dtype).eps
+    ratio = torch.where(small, 1.0, torch.log1p(t) / torch.where(small, 1.0, t))
     tail = torch.where(d > 0, ratio, torch.exp(d) * nll)
     # d = +inf: a row without negatives (one pair, MATH.md section 8) has loss 0, not the limit 1.
     return torch.where(d == float("inf"), 0.0, nll + tail)

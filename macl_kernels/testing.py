@@ -329,6 +329,10 @@ def losses_by_hand(z0, z1, negatives=None, **settings) -> HandComputed:
         problems = [(u0[r], u1[r], bank) for r in range(n)]
     losses, probs = [], []
     for anchor, positive, negative_rows in problems:
+        if not negative_rows:  # MATH.md section 8: an anchor without negatives has P = 1 and loss 0
+            losses.append(0.0)
+            probs.append(1.0)
+            continue
         logits = [dot(anchor, positive) / tau] + [dot(anchor, y) / tau for y in negative_rows]
         weights = [math.exp(v - max(logits)) for v in logits]
         total = math.fsum(weights)

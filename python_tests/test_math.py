@@ -86,6 +86,16 @@ def test_exact_reweighting_loss_is_at_least_one(dtype):
     assert loss[-1].item() == 1.0
 
 
+@pytest.mark.parametrize(
+    "dtype, d", [(torch.float32, [87.5, 90.0, 95.0, 100.0, 103.0]), (torch.float64, [709.0, 720.0, 744.0])], ids=str
+)
+def test_exact_reweighting_loss_where_e_to_the_minus_d_is_subnormal(dtype, d):
+    # eps = 0, e^-d below the smallest normal number: the loss is 1 to the dtype's precision (it was ~0
+    # when t = e^-d was clamped to that smallest normal number before log1p(t) / t).
+    loss = anchor_loss_value(torch.tensor(d, dtype=dtype), True, 0.0)
+    assert (loss >= 1).all() and (loss - 1).abs().max() <= torch.finfo(dtype).eps, loss
+
+
 @pytest.mark.parametrize("reweight, eps", [(False, 0.0), (True, 1e-8), (True, 0.0), (True, 0.3)])
 def test_slope_equals_the_closed_form(reweight, eps):
     got = anchor_loss_slope(D_VALUES, reweight, eps)

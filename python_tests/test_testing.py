@@ -6,6 +6,7 @@ import torch
 from macl_kernels.testing import (
     TOLERANCE,
     assert_rel_close,
+    losses_by_hand,
     make_views,
     reference_float64,
     reference_in_dtype,
@@ -59,3 +60,11 @@ def test_the_dense_run_in_half_precision_rounds_like_its_dtype(dtype, unit_round
         error = relative_error(got, expected)
         assert unit_roundoff / 4 < error < 2 * unit_roundoff
         assert tolerance(dtype, error) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_losses_by_hand_of_one_pair_have_no_negatives(eps):
+    """MATH.md section 8: a batch of one pair (cross layout) has no negatives: loss 0 and P = 1, also with eps = 0."""
+    z = torch.eye(2, dtype=torch.float64)
+    hand = losses_by_hand(z[:1], z[1:], eps=eps, layout="cross")
+    assert hand.losses == [0.0] and hand.positive_probs == [1.0]
