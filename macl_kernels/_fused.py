@@ -91,12 +91,15 @@ def fused_macl_loss(
     *,
     across_ranks: bool = False,
     with_stats: bool = True,
+    shared_negatives: bool = False,
 ) -> Tuple[torch.Tensor, Optional[MACLStats]]:
     """The MACL loss through ``backend``; inputs are assumed already checked.
 
     ``across_ranks``: this rank's anchors against the candidates of every rank of the
     process group, with one global A (see :mod:`macl_kernels.distributed`); inputs
     are then assumed to agree across ranks too, and ``y`` is never None for the backend.
+    ``shared_negatives``: the extra negatives are the same rows on every rank (a memory
+    bank that enqueues every rank's batch), so they are not gathered, whatever the layout.
     """
     layout = LAYOUTS[cfg.layout]
     u0, u1, positive_cos = backend.normalize(z0, z1)
@@ -113,7 +116,7 @@ def fused_macl_loss(
     extra = None
     if negatives is not None:  # normalized like the inputs; a gradient only if they require one
         _, extra = normalize_rows(negatives)
-        if across_ranks and layout.gathers_negatives:
+        if across_ranks and layout.gathers_negatives and not shared_negatives:
             extra = distributed.gather_rows(extra)
 
     positive = positive_cos / tau

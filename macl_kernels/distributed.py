@@ -155,15 +155,20 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
 
 
 def reference_loss_across_ranks(
-    z0: torch.Tensor, z1: torch.Tensor, negatives: Optional[torch.Tensor], cfg: MACLConfig
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    negatives: Optional[torch.Tensor],
+    cfg: MACLConfig,
+    shared_negatives: bool = False,
 ) -> Tuple[torch.Tensor, MACLStats]:
     """The dense reference on the gathered batch, reduced over this rank's anchors.
 
     O((world_size * N)^2) memory like the reference itself: for checking only. The
-    statistics are those of the global batch, as in the fused path.
+    statistics are those of the global batch, as in the fused path. ``shared_negatives``:
+    the negatives are the same rows on every rank (not gathered), as in the fused path.
     """
     all_z0, all_z1 = gather_views(z0, z1)
-    if negatives is not None and _layouts.LAYOUTS[cfg.layout].gathers_negatives:
+    if negatives is not None and _layouts.LAYOUTS[cfg.layout].gathers_negatives and not shared_negatives:
         negatives = gather_rows(negatives)
     per_anchor_cfg = dataclasses.replace(cfg, reduction="none")
     per_anchor, stats = macl_loss_reference(all_z0, all_z1, negatives, per_anchor_cfg)

@@ -276,11 +276,21 @@ class _CachedEmbeddings(torch.autograd.Function):
 
 
 def _check_no_batch_statistics(encoder: Callable, name: str) -> None:
-    """BatchNorm in training mode would normalize each chunk by its own statistics: not the batch's gradient."""
+    """BatchNorm that uses the batch's statistics (training mode, or no running statistics kept) would
+    normalize each chunk by its own: not the batch's gradient."""
     if not isinstance(encoder, nn.Module):
         return
     for module_name, module in encoder.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if not module.training and module.running_mean is None:  # track_running_stats=False: batch statistics
+            raise ValueError(
+                f"{name} has {type(module).__name__} {module_name!r} without running statistics "
+                "(track_running_stats=False): even in eval mode it normalizes with the batch's statistics, which "
+                "under GradCache are each chunk's, so the gradient would not be the full batch's; use a per-sample "
+                "normalization (LayerNorm, GroupNorm)"
+            )
+        if module.training:
             raise ValueError(
                 f"{name} has {type(module).__name__} {module_name!r} in training mode: under GradCache it would "
                 "normalize each chunk with the chunk's statistics (and update its running statistics in both "

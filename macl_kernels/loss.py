@@ -37,7 +37,10 @@ def _autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
-def _run(z0, z1, negatives, cfg: MACLConfig, backend: str, return_stats: bool) -> LossOutput:
+def _run(
+    z0, z1, negatives, cfg: MACLConfig, backend: str, return_stats: bool, shared_negatives: bool = False
+) -> LossOutput:
+    """``shared_negatives``: the negatives are the same rows on every rank (a memory bank that gathers)."""
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     check_inputs(z0, z1, negatives, cfg.layout)
@@ -50,9 +53,12 @@ def _run(z0, z1, negatives, cfg: MACLConfig, backend: str, return_stats: bool) -
         if cfg.gather_distributed and distributed.world_size() > 1:
             distributed.check_same_problem(z0, cfg.layout, negatives)
             if impl == backends.REFERENCE:
-                loss, stats = distributed.reference_loss_across_ranks(z0, z1, negatives, cfg)
+                loss, stats = distributed.reference_loss_across_ranks(z0, z1, negatives, cfg, shared_negatives)
             else:
-                loss, stats = fused_macl_loss(z0, z1, negatives, cfg, impl, across_ranks=True, with_stats=return_stats)
+                loss, stats = fused_macl_loss(
+                    z0, z1, negatives, cfg, impl, across_ranks=True, with_stats=return_stats,
+                    shared_negatives=shared_negatives,
+                )  # fmt: skip
         elif impl == backends.REFERENCE:
             loss, stats = macl_loss_reference(z0, z1, negatives, cfg)
         else:
@@ -192,16 +198,36 @@ class MACLLoss(nn.Module):
             self.register_buffer("temperature", temperature)
         self.memory_bank = _memory_bank(memory_bank, self.config.gather_distributed)
 
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:  # lightly's attribute, settable between steps (checked again)
+        self.config = dataclasses.replace(self.config, alpha=value)
+
+    @property
+    def A_0(self) -> float:
+        return self.config.A_0
+
+    @A_0.setter
+    def A_0(self, value: float) -> None:
+        self.config = dataclasses.replace(self.config, A_0=value)
+
     def forward(self, z0: torch.Tensor, z1: torch.Tensor, negatives: Optional[torch.Tensor] = None) -> LossOutput:
         cfg = self.config
-        if isinstance(self.temperature, torch.Tensor):  # the module's own (moved, cast) parameter or buffer
+        # The temperature as it is now: the module's own (moved, cast) parameter or buffer, or a
+        # number set after construction (a schedule, as with lightly's), checked again here.
+        if self.temperature is not cfg.temperature:
             cfg = dataclasses.replace(cfg, temperature=self.temperature)
         if self.memory_bank is None:
             return _run(z0, z1, negatives, cfg, self.backend, self.return_stats)
         if negatives is not None:
             raise ValueError("this loss has a memory bank: its negatives come from the bank, pass none")
         _check_matrix("z1", z1)  # before the bank reads its width
-        out = _run(z0, z1, self.memory_bank.negatives(z1), cfg, self.backend, self.return_stats)
+        # A bank that gathers holds the same rows on every rank: they are not gathered again.
+        shared = self.memory_bank.gather_distributed
+        out = _run(z0, z1, self.memory_bank.negatives(z1), cfg, self.backend, self.return_stats, shared)
         if isinstance(z0, torch.Tensor) and z0.requires_grad:  # after the loss, as lightly's NTXentLoss
             self.memory_bank.update(z1)
         return out
@@ -234,6 +260,8 @@ class NTXentLoss(MACLLoss):
         gather_distributed: bool = False,
         **kwargs,
     ) -> None:
+        if "memory_bank" in kwargs:
+            raise TypeError("NTXentLoss takes its bank as memory_bank_size= (a size K or (K, D), or a MemoryBank)")
         settings = _nt_xent_settings(kwargs, "NTXentLoss")
         bank = _memory_bank(memory_bank_size, gather_distributed)
         if bank is not None:

@@ -27,12 +27,14 @@ def global_batch(case: Dict, world_size: int):
     """The concatenated batch (z0, z1, bank or extra negatives of all ranks) of a case, the same in every process."""
     rows = world_size * NEGATIVES_PER_RANK if case.get("negatives") else BANK_ROWS
     z0, z1, bank = make_views(world_size * PAIRS_PER_RANK, DIM, case["dtype"], seed=case["seed"], bank_rows=rows)
-    return z0, z1, (bank if case["layout"] == "queue" or case.get("negatives") else None)
+    shared_bank = case["layout"] == "queue" or case["api"] == "bank"
+    return z0, z1, (bank if shared_bank or case.get("negatives") else None)
 
 
 def own_negatives(case: Dict, negatives, rank: int):
-    """What a rank passes as negatives=: the queue's shared bank, or its own slice of the extra negatives."""
-    if negatives is None or case["layout"] == "queue":
+    """What a rank passes as negatives=: the queue's (or a gathering memory bank's) shared bank, or its own slice
+    of the extra negatives."""
+    if negatives is None or case["layout"] == "queue" or case["api"] == "bank":
         return negatives
     return negatives[rank * NEGATIVES_PER_RANK : (rank + 1) * NEGATIVES_PER_RANK]
 
@@ -78,6 +80,10 @@ def run_case(case: Dict, rank: int, world_size: int) -> Dict:
     if case["api"] == "module":
         criterion = mk.MACLLoss(gather_distributed=True, return_stats=case["stats"], **options)
         out = criterion(a, b, bank)
+    elif case["api"] == "bank":  # a MemoryBank that gathers: the same rows on every rank, never gathered again
+        criterion = mk.MACLLoss(memory_bank=tuple(bank.shape), gather_distributed=True, **options).to(case["dtype"])
+        criterion.memory_bank.bank.copy_(bank)
+        out = criterion(a, b)
     elif case["api"] == "ntxent":
         out = mk.NTXentLoss(gather_distributed=True, return_stats=case["stats"], **options)(a, b, bank)
     else:

@@ -59,6 +59,7 @@ def _cases():
         cases.append(_case(backend, "queue", stats=True, schedule="exp"))
     cases.append(_case("auto", "cross_sym", api="module", stats=True))
     cases.append(_case("auto", "ntxent", api="ntxent", reweight=False))
+    cases += [_case("auto", layout, api="bank") for layout in LAYOUTS]  # MACLLoss(memory_bank=..., gather...)
     cases += _learnable_temperature_and_negatives_cases()
     return cases
 

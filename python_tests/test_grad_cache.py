@@ -376,6 +376,10 @@ def test_training_batch_norm_is_refused():
     encoder.eval()  # running statistics: per sample, so the cache is exact
     expected = uncached_step(encoder, None, mk.macl_loss, x, x)
     assert_same_step(cached_step(encoder, None, mk.macl_loss, x, x, 4), expected, TOLERANCE[torch.float32])
+    # Without running statistics, eval mode still normalizes by the batch's (each chunk's) statistics.
+    stateless = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, DIM)).eval()
+    with pytest.raises(ValueError, match="encoder1 has BatchNorm1d '1' without running statistics"):
+        mk.GradCache(mlp(), mk.macl_loss, 4, encoder1=stateless)(x, x)
 
 
 @pytest.mark.slow  # spawns processes

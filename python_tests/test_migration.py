@@ -165,6 +165,32 @@ def test_bank_is_updated_only_when_the_first_view_requires_grad():
     )
 
 
+def test_settings_assigned_after_construction_are_used_and_checked():
+    """lightly's losses read temperature (and MACL's alpha, A_0) at every call: a schedule that sets them works."""
+    z0, z1, _ = make_views(6, 5, torch.float64, seed=3)
+    for make, attribute, value, fresh in [
+        (mk.MACLLoss, "temperature", 0.5, lambda: mk.MACLLoss(temperature=0.5)),
+        (mk.MACLLoss, "alpha", 0.0, lambda: mk.MACLLoss(alpha=0.0)),
+        (mk.MACLLoss, "A_0", 0.3, lambda: mk.MACLLoss(A_0=0.3)),
+        (mk.NTXentLoss, "temperature", 0.2, lambda: mk.NTXentLoss(temperature=0.2)),
+    ]:
+        criterion = make()
+        setattr(criterion, attribute, value)
+        assert torch.equal(criterion(z0, z1), fresh()(z0, z1)), attribute
+    criterion = mk.MACLLoss()
+    criterion.temperature = -1.0
+    with pytest.raises(ValueError, match="temperature"):
+        criterion(z0, z1)
+    with pytest.raises(TypeError, match="alpha"):
+        criterion.alpha = "0.5"
+
+
+def test_ntxent_loss_takes_its_bank_as_memory_bank_size():
+    with pytest.raises(TypeError, match="memory_bank_size="):
+        mk.NTXentLoss(memory_bank=mk.MemoryBank(4))
+    assert isinstance(mk.NTXentLoss(memory_bank_size=mk.MemoryBank(4)).memory_bank, mk.MemoryBank)
+
+
 def test_macl_one_pair_equals_lightlys():
     a, b = torch.randn(1, 6, requires_grad=True), torch.randn(1, 6)
     expected = load_lightly_macl().MACLLoss()(a, b)
