@@ -143,29 +143,48 @@ struct TileMask {
 
 // ---- forward ----
 
-template <typename In>
-__global__ void __launch_bounds__(kMaxThreads, 1)
-    negative_lse_forward(Params<In, typename Config<In>::Acc> p, Geometry<typename Config<In>::Tile, In> geo) {
-  using Tile = typename Config<In>::Tile;
-  using Acc = typename Config<In>::Acc;
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Tile::kOwned;
-  const Acc scale2 = Acc(kLog2e) / *p.tau;  // logit * log2(e) = score * scale2
-  const RowExclusions<Tile> exclusions(p.excluded, row0, p.rows);
+// The fixed shift (docs/MATH.md, the Triton forward): for unit rows every score is <= 1, so
+// with the shift scale2 = log2(e) / tau, the base-2 logit of a score of 1, every term
+// exp2(score * scale2 - scale2) is <= 1 and a row's sum needs no running maximum: one FFMA,
+// one exp2 and one add per score. Whatever the inputs, a row's sum inside
+// [kLowestSum, kHighestSum] is exact to the accumulation type's rounding: no term overflowed
+// (each is <= the sum) and the terms that flushed to 0 (each < 2^-126) weigh at most
+// cols * 2^-66 of it. Any other sum (a tiny tau, a row far from all its negatives, rows that
+// are not unit vectors, a tau <= 0, no negatives at all, a NaN) sends the CTA to the
+// running maximum (online_lse), which is exact for every input.
+constexpr double kLowestSum = 0x1p-60;
+constexpr double kHighestSum = 0x1p100;
+
+// sum[i] += the tile's terms exp2(score * scale2 - shift2) of row i, except those of the
+// entries hidden(i, j) names.
+template <typename Tile, typename Acc, typename Hidden>
+__device__ inline void add_terms(Tile& tile, Acc scale2, Acc shift2, Acc (&sum)[Tile::kRows], const Hidden& hidden) {
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < Tile::kCols; ++j) {
+      const Acc term = exp2_of(fma(tile.at(i, j), scale2, -shift2));
+      sum[i] += hidden(i, j) ? Acc(0) : term;
+    }
+  }
+}
+
+// The classic online log-sum-exp (running maximum and sum, base 2) of the owned rows over
+// every streamed tile: the repair of the rows the fixed shift cannot hold; lse[i] for row i.
+template <typename In, typename Tile, typename Acc>
+__device__ void online_lse(const Params<In, Acc>& p, const Geometry<Tile, In>& geo, const Sides<In>& sides,
+                           const RowExclusions<Tile>& exclusions, Tile& tile, unsigned char* smem, Acc scale2,
+                           Acc (&lse)[Tile::kRows]) {
   Acc max2[Tile::kRows], sum[Tile::kRows];  // per row: running max (base 2) and this thread's part of the sum
 #pragma unroll
   for (int i = 0; i < Tile::kRows; ++i) {
     max2[i] = negative_infinity<Acc>();
     sum[i] = Acc(0);
   }
-  Tile tile(smem + geo.owned_bytes() + geo.streamed_bytes());
-  const Sides<In> sides{p.x, static_cast<int>(p.rows), static_cast<int>(row0), p.y, static_cast<int>(p.cols),
-                        nullptr};
-
   for_each_tile<0>(geo, sides, geo.chunks() - 1, tile, smem, [&](int t, const In*, const void*) {
     const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
     Acc scale = scale2;  // what turns the tile's values into base-2 logits
-    if (rare(mask.any || !(scale2 > Acc(0)))) {
+    if (mask.any || !(scale2 > Acc(0))) {
       // Masked entries (the tile holds an excluded or a missing column), or a scale <= 0
       // (then the max logit is not the max score times the scale).
 #pragma unroll
@@ -191,13 +210,51 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
       max2[i] = next;
     }
   });
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) lse[i] = lse_value(max2[i] * Acc(kLn2), row_sum<Tile>(sum[i]));
+}
 
+template <typename In>
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    negative_lse_forward(Params<In, typename Config<In>::Acc> p, Geometry<typename Config<In>::Tile, In> geo) {
+  using Tile = typename Config<In>::Tile;
+  using Acc = typename Config<In>::Acc;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Tile::kOwned;
+  const Acc scale2 = Acc(kLog2e) / *p.tau;  // logit * log2(e) = score * scale2; also the fixed shift
+  const RowExclusions<Tile> exclusions(p.excluded, row0, p.rows);
+  Tile tile(smem + geo.owned_bytes() + geo.streamed_bytes());
+  const Sides<In> sides{p.x, static_cast<int>(p.rows), static_cast<int>(row0), p.y, static_cast<int>(p.cols),
+                        nullptr};
+
+  Acc sum[Tile::kRows];  // per row: this thread's part of the sum of exp2(logit2 - scale2)
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) sum[i] = Acc(0);
+  for_each_tile<0>(geo, sides, geo.chunks() - 1, tile, smem, [&](int t, const In*, const void*) {
+    const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
+    if (rare(mask.any)) {  // the tile holds an excluded or a missing column
+      add_terms(tile, scale2, scale2, sum, [&](int i, int j) { return mask.masked(i, j); });
+    } else {
+      add_terms(tile, scale2, scale2, sum, [](int, int) { return false; });
+    }
+  });
+
+  Acc lse[Tile::kRows];
+  bool exact = true;
 #pragma unroll
   for (int i = 0; i < Tile::kRows; ++i) {
     const Acc total = row_sum<Tile>(sum[i]);
+    lse[i] = scale2 * Acc(kLn2) + log_of(total);
+    exact &= row0 + Tile::row(i) >= p.rows || (total >= Acc(kLowestSum) && total <= Acc(kHighestSum));
+  }
+  if (rare(__syncthreads_or(!exact))) {  // a row of the CTA needs the running maximum
+    online_lse(p, geo, sides, exclusions, tile, smem, scale2, lse);
+  }
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
     const int64_t row = row0 + Tile::row(i);
     if (threadIdx.x % Tile::kRowLanes == 0 && row < p.rows) {
-      p.out[row] = lse_value(max2[i] * Acc(kLn2), total);
+      p.out[row] = lse[i];
     }
   }
 }
