@@ -2,13 +2,14 @@
 
 Compiles csrc/cuda/negative_lse_kernels.cu to a cubin (device code only, no GPU needed)
 with -DMACL_CUDA_COMMON_PATH_ONLY and line information, and disassembles it (nvdisasm
--gi). That build computes every rare path's condition but compiles the path out
-(tile_stream.cuh's rare(): masked tiles, the last partial tile, the chunked layout), so
-each kernel keeps one loop over streamed tiles, the one that holds the barrier, and its
-body is what a thread executes per tile in the common case. Each loop nested in it
-counts its body times its trip count at the given D, from the function it belongs to
-(the k loop of add_scores, the gradient product, the cp.async copies). Divided by the
-score elements a thread holds per tile: "instructions per score element".
+-gi). That build computes every rare path's condition and branches on it, but to a trap
+instead of the path (tile_stream.cuh's rare(): masked tiles, the last partial tile, the
+chunked layout, the forward's repair), so each kernel keeps one loop over streamed tiles,
+the one that holds the barrier and the copies, and its body is what a thread executes per
+tile in the common case. Each loop nested in it counts its body times its trip count at
+the given D, from the function it belongs to (the k loop of add_scores, the gradient
+product, the cp.async copies). Divided by the score elements a thread holds per tile:
+"instructions per score element".
 
 Prints one line per kernel; exits 1 if a kernel's loops are not as expected.
 
@@ -140,9 +141,15 @@ def census(instructions, dtype: str, dim: int, owner) -> Dict[str, float]:
     """Instructions one thread executes in one tile iteration (common path), and its MUFU count."""
     tile = TILES[dtype]
     loops = back_branches(instructions)
-    with_barrier = [(s, e) for s, e in loops if any(opcode(t) == "BAR" for t, _ in instructions[s : e + 1])]
+    # The loop over streamed tiles: a barrier and the next tile's copies (a warp-divergence
+    # fallback the compiler may add around a barrier outside it has no copies).
+    with_barrier = [
+        (s, e)
+        for s, e in loops
+        if {"BAR", "LDGSTS"} <= {opcode(t) for t, _ in instructions[s : e + 1]}
+    ]
     if len(with_barrier) != 1:
-        raise SystemExit(f"cuda_inner_loops: expected one loop with a barrier, found {len(with_barrier)}")
+        raise SystemExit(f"cuda_inner_loops: expected one loop with a barrier and copies, found {len(with_barrier)}")
     start, end = with_barrier[0]
     nested = [(s, e) for s, e in loops if start < s and e < end]
     pieces = dim * tile["size"] // 16  # 16-byte copies per row

@@ -21,12 +21,16 @@
 namespace macl::cuda {
 
 // The condition of a rare path (a masked tile, the last partial tile, the chunked
-// layout). A build with -DMACL_CUDA_COMMON_PATH_ONLY, for counting the instructions of
-// the common path (tools/cuda_inner_loops.py), still computes the condition but compiles
-// the rare path out; the extension's build never defines it.
+// layout, the forward's repair). A build with -DMACL_CUDA_COMMON_PATH_ONLY, for counting
+// the instructions of the common path (tools/cuda_inner_loops.py), still computes the
+// condition and branches on it, but to a trap instead of the rare path; the extension's
+// build never defines it. (A condition nothing consumes would be deleted by ptxas, and
+// the count would miss what the common path pays to test it.)
 #if defined(MACL_CUDA_COMMON_PATH_ONLY)
 __device__ inline bool rare(bool condition) {
-  asm volatile("" ::"r"(static_cast<int>(condition)));
+  if (condition) {
+    __trap();
+  }
   return false;
 }
 #else
