@@ -111,28 +111,64 @@ struct RowExclusions {
   }
 };
 
-// What masks a streamed tile's entries for the owned rows' view: the tile's columns past
-// the last candidate, and each row's excluded columns that fall in the tile (as tile
-// columns, -1 if none). `any` is uniform over the warp.
+// Which streamed tiles a warp must mask for its owned rows: per exclusion slot, the run of
+// tiles from the one holding the warp's smallest excluded column of that slot to the one
+// holding its largest (for the usual layouts one or two tiles; any tile between them is
+// masked too, harmlessly), and the tile past the last full one (missing columns). Set up
+// once per kernel; a tile costs a few uniform comparisons, and only masked tiles build a
+// TileMask.
+template <typename Tile>
+struct MaskedTiles {
+  int first[2], count[2];  // per slot, the run [first, first + count); count 0 when empty
+  int full;                // tiles [0, full) hold no missing column
+
+  __device__ MaskedTiles(const RowExclusions<Tile>& rows, int cols) {
+    full = cols / Tile::kStreamed;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      int lo = 1 << 30, hi = -1;
+#pragma unroll
+      for (int i = 0; i < Tile::kRows; ++i) {
+        const int e = rows.e[i][k];
+        if (0 <= e && e < cols) {  // -1 (none) and columns past the end exclude nothing
+          lo = min(lo, e / Tile::kStreamed);
+          hi = max(hi, e / Tile::kStreamed);
+        }
+      }
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, offset));
+        hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
+      }
+      first[k] = lo;
+      count[k] = hi >= lo ? hi - lo + 1 : 0;
+    }
+  }
+
+  __device__ bool masked(int t) const {
+    return static_cast<unsigned>(t - first[0]) < static_cast<unsigned>(count[0]) ||
+           static_cast<unsigned>(t - first[1]) < static_cast<unsigned>(count[1]) || t >= full;
+  }
+};
+
+// What masks the entries of a streamed tile (one MaskedTiles names) for the owned rows'
+// view: the tile's columns past the last candidate, and each row's excluded columns that
+// fall in the tile (as tile columns, -1 if none).
 template <typename Tile>
 struct TileMask {
   int valid;  // columns [0, valid) of the tile are candidates
   int e[Tile::kRows][2];
-  bool any;
 
   __device__ TileMask(const RowExclusions<Tile>& rows, int col0, int cols) {
     valid = min(cols - col0, Tile::kStreamed);
-    bool hit = false;
 #pragma unroll
     for (int i = 0; i < Tile::kRows; ++i) {
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const int local = rows.e[i][k] - col0;  // -1 (none) stays outside the tile
         e[i][k] = static_cast<unsigned>(local) < static_cast<unsigned>(Tile::kStreamed) ? local : -1;
-        hit |= e[i][k] >= 0;
       }
     }
-    any = __any_sync(0xffffffffu, hit) || valid < Tile::kStreamed;
   }
 
   __device__ bool masked(int i, int j) const {
@@ -173,8 +209,8 @@ __device__ inline void add_terms(Tile& tile, Acc scale2, Acc shift2, Acc (&sum)[
 // every streamed tile: the repair of the rows the fixed shift cannot hold; lse[i] for row i.
 template <typename In, typename Tile, typename Acc>
 __device__ void online_lse(const Params<In, Acc>& p, const Geometry<Tile, In>& geo, const Sides<In>& sides,
-                           const RowExclusions<Tile>& exclusions, Tile& tile, unsigned char* smem, Acc scale2,
-                           Acc (&lse)[Tile::kRows]) {
+                           const RowExclusions<Tile>& exclusions, const MaskedTiles<Tile>& masked_tiles, Tile& tile,
+                           unsigned char* smem, Acc scale2, Acc (&lse)[Tile::kRows]) {
   Acc max2[Tile::kRows], sum[Tile::kRows];  // per row: running max (base 2) and this thread's part of the sum
 #pragma unroll
   for (int i = 0; i < Tile::kRows; ++i) {
@@ -184,7 +220,7 @@ __device__ void online_lse(const Params<In, Acc>& p, const Geometry<Tile, In>& g
   for_each_tile<0>(geo, sides, geo.chunks() - 1, tile, smem, [&](int t, const In*, const void*) {
     const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
     Acc scale = scale2;  // what turns the tile's values into base-2 logits
-    if (mask.any || !(scale2 > Acc(0))) {
+    if (masked_tiles.masked(t) || !(scale2 > Acc(0))) {
       // Masked entries (the tile holds an excluded or a missing column), or a scale <= 0
       // (then the max logit is not the max score times the scale).
 #pragma unroll
@@ -223,6 +259,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Tile::kOwned;
   const Acc scale2 = Acc(kLog2e) / *p.tau;  // logit * log2(e) = score * scale2; also the fixed shift
   const RowExclusions<Tile> exclusions(p.excluded, row0, p.rows);
+  const MaskedTiles<Tile> masked_tiles(exclusions, static_cast<int>(p.cols));
   Tile tile(smem + geo.owned_bytes() + geo.streamed_bytes());
   const Sides<In> sides{p.x, static_cast<int>(p.rows), static_cast<int>(row0), p.y, static_cast<int>(p.cols),
                         nullptr};
@@ -231,8 +268,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 #pragma unroll
   for (int i = 0; i < Tile::kRows; ++i) sum[i] = Acc(0);
   for_each_tile<0>(geo, sides, geo.chunks() - 1, tile, smem, [&](int t, const In*, const void*) {
-    const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
-    if (rare(mask.any)) {  // the tile holds an excluded or a missing column
+    if (rare(masked_tiles.masked(t))) {  // the tile may hold an excluded or a missing column
+      const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
       add_terms(tile, scale2, scale2, sum, [&](int i, int j) { return mask.masked(i, j); });
     } else {
       add_terms(tile, scale2, scale2, sum, [](int, int) { return false; });
@@ -248,7 +285,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     exact &= row0 + Tile::row(i) >= p.rows || (total >= Acc(kLowestSum) && total <= Acc(kHighestSum));
   }
   if (rare(__syncthreads_or(!exact))) {  // a row of the CTA needs the running maximum
-    online_lse(p, geo, sides, exclusions, tile, smem, scale2, lse);
+    online_lse(p, geo, sides, exclusions, masked_tiles, tile, smem, scale2, lse);
   }
 #pragma unroll
   for (int i = 0; i < Tile::kRows; ++i) {
@@ -331,6 +368,7 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
 
   if constexpr (!kColumns) {
     const RowExclusions<Tile> exclusions(p.excluded, owned0, p.rows);
+    const MaskedTiles<Tile> masked_tiles(exclusions, static_cast<int>(p.cols));
     Acc shift2[Tile::kRows], factor[Tile::kRows];
 #pragma unroll
     for (int i = 0; i < Tile::kRows; ++i) {
@@ -346,8 +384,8 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
     for_each_tile<0>(geo, sides, output_chunk, tile, smem, [&](int t, const In* rows, const void*) {
       set_weights<Operand>(
           tile, scale2, [&](int i, int) { return shift2[i]; }, [&](int i, int) { return factor[i]; });
-      const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
-      if (rare(mask.any)) {  // a tile with an excluded or a missing column
+      if (rare(masked_tiles.masked(t))) {  // a tile that may hold an excluded or a missing column
+        const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
         clear_masked(tile, [&](int i, int j) { return mask.masked(i, j); });
       }
       product.add(tile, rows, geo.stride());
