@@ -120,14 +120,19 @@ class RowLoader {
 };
 
 // Copies the kCount records of kBytes (a multiple of 16) each that start at record row0 of
-// an array of n > row0 records, zeros past its end, to shared memory at dst.
-template <int kCount, int kBytes>
-__device__ inline void load_records(uint32_t dst, const void* src, int n, int row0, int threads) {
-  constexpr int kPieces = kBytes / 16;
-  const int valid = min(n - row0, kCount) * kPieces;
+// an array of n > row0 records, zeros past its end, to shared memory at dst: one 16-byte
+// piece per thread and round (for every tile of kernels.cuh, a single round).
+template <int kCount, int kBytes, int kThreads>
+__device__ inline void load_records(uint32_t dst, const void* src, int n, int row0) {
+  constexpr int kPieces = kCount * kBytes / 16;
+  const int valid = min(n - row0, kCount) * (kBytes / 16);
   const char* from = static_cast<const char*>(src) + static_cast<int64_t>(row0) * kBytes;
-  for (int k = threadIdx.x; k < kCount * kPieces; k += threads) {
-    ptx::cp_async_16(dst + 16 * k, k < valid ? from + 16 * k : from, k < valid ? 16 : 0);
+#pragma unroll
+  for (int round = 0; round < (kPieces + kThreads - 1) / kThreads; ++round) {
+    const int k = static_cast<int>(threadIdx.x) + round * kThreads;
+    if (kPieces % kThreads == 0 || k < kPieces) {
+      ptx::cp_async_16(dst + 16 * k, k < valid ? from + 16 * k : from, k < valid ? 16 : 0);
+    }
   }
 }
 
@@ -175,8 +180,8 @@ __device__ void stream_tiles(const Geometry<Tile, In>& geo, const Sides<In>& sid
     }
     if constexpr (kRecordBytes > 0) {
       if (q == 0) {
-        load_records<kStreamed, kRecordBytes>(records_area + (t & 1) * kStreamed * kRecordBytes, sides.params,
-                                              sides.n_streamed, t * kStreamed, Tile::kThreads);
+        load_records<kStreamed, kRecordBytes, Tile::kThreads>(records_area + (t & 1) * kStreamed * kRecordBytes,
+                                                              sides.params, sides.n_streamed, t * kStreamed);
       }
     }
   };
