@@ -36,13 +36,24 @@ SOURCE = os.path.join(ROOT, "csrc", "cuda", "negative_lse_kernels.cu")
 
 # Per input type (kernels.cuh's Config): threads, streamed rows per tile, score elements per
 # thread and tile, scores per row a thread holds (the k loop's width), gradient features per
-# CTA, bytes per value.
+# CTA, bytes per value, 16-row blocks per warp (MmaTile's kRowBlocks): the gradient passes'
+# tile (Config::Tile), with the forward's changes (Config::ForwardTile) in FORWARD_TILES.
 TILES = {
-    "__half": dict(threads=128, streamed=64, elements=32, cols=16, output=128, size=2),
-    "__nv_bfloat16": dict(threads=128, streamed=64, elements=32, cols=16, output=128, size=2),
-    "float": dict(threads=64, streamed=32, elements=32, cols=32, output=64, size=4),
-    "double": dict(threads=64, streamed=16, elements=16, cols=16, output=32, size=8),
+    "__half": dict(threads=128, streamed=64, elements=32, cols=16, output=128, size=2, row_blocks=1),
+    "__nv_bfloat16": dict(threads=128, streamed=64, elements=32, cols=16, output=128, size=2, row_blocks=1),
+    "float": dict(threads=64, streamed=32, elements=32, cols=32, output=64, size=4, row_blocks=1),
+    "double": dict(threads=64, streamed=16, elements=16, cols=16, output=32, size=8, row_blocks=1),
 }
+FORWARD_TILES = {
+    "__half": dict(elements=64, row_blocks=2),
+    "__nv_bfloat16": dict(elements=64, row_blocks=2),
+}
+
+
+def tile_of(kernel: str, dtype: str) -> Dict[str, int]:
+    """The tile figures of a kernel (negative_lse_forward, ..._rows_grad, ..._cols_grad) for an input type."""
+    return {**TILES[dtype], **(FORWARD_TILES.get(dtype, {}) if kernel == "negative_lse_forward" else {})}
+
 
 Chain = Tuple[Tuple[str, int], ...]  # (file, line) from the innermost inlined call outwards
 
@@ -137,9 +148,8 @@ def enclosing_functions() -> Dict[Tuple[str, int], str]:
     return owner
 
 
-def census(instructions, dtype: str, dim: int, owner) -> Dict[str, float]:
+def census(instructions, tile: Dict[str, int], dim: int, owner) -> Dict[str, float]:
     """Instructions one thread executes in one tile iteration (common path), and its MUFU count."""
-    tile = TILES[dtype]
     loops = back_branches(instructions)
     # The loop over streamed tiles: a barrier and the next tile's copies (a warp-divergence
     # fallback the compiler may add around a barrier outside it has no copies).
@@ -165,7 +175,11 @@ def census(instructions, dtype: str, dim: int, owner) -> Dict[str, float]:
         ops = collections.Counter(opcode(text) for text, _ in body)
         if function == "add_scores":  # features per iteration from the products in the body
             if ops["HMMA"]:
-                return (dim - 16) / (16 * ops["HMMA"] / (tile["streamed"] // 8))  # (the first step is peeled)
+                # Whole iterations of the unrolled loop after the peeled first step; the step
+                # left over (7 steps at D = 128, 2 per iteration) sits outside the loop and
+                # counts once.
+                steps = ops["HMMA"] / (tile["streamed"] // 8 * tile["row_blocks"])  # steps per iteration
+                return (dim - 16) // 16 // steps
             return dim / ((ops["FFMA"] + ops["DFMA"]) / tile["cols"])
         if function == "add":  # SimtTile's product: one weight (kOutput FMAs) per trip
             return tile["cols"] / ((ops["FFMA"] + ops["DFMA"]) / tile["output"])
@@ -204,8 +218,9 @@ def measure(arch: str, dim: int) -> Dict[Tuple[str, str], Dict[str, float]]:
     for mangled, name in zip(functions, check_spills.demangle(list(functions))):
         match = KERNEL.search(name)
         if match:
-            counts = census(functions[mangled], match.group(2), dim, owner)
-            found[match.groups()] = {**counts, "elements": TILES[match.group(2)]["elements"]}
+            tile = tile_of(*match.groups())
+            counts = census(functions[mangled], tile, dim, owner)
+            found[match.groups()] = {**counts, "elements": tile["elements"]}
     return found
 
 

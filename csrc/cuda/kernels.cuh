@@ -26,31 +26,35 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr int kMaxThreads = 128;  // per CTA, every tile (a bound the register allocation respects)
 constexpr double kLn2 = 0.6931471805599453;
 
-// Per input type: the tile, the accumulation type, and the type whose rounding the
-// products see (lse_math.h's weight_operand).
+// Per input type: the tiles (the forward's, and the gradient passes'), the accumulation
+// type, and the type whose rounding the products see (lse_math.h's weight_operand).
 template <typename In>
 struct Config;
 template <>
 struct Config<__half> {
   using Tile = MmaTile<__half>;
+  using ForwardTile = MmaTile<__half, 2>;
   using Acc = float;
   using Operand = c10::Half;
 };
 template <>
 struct Config<__nv_bfloat16> {
   using Tile = MmaTile<__nv_bfloat16>;
+  using ForwardTile = MmaTile<__nv_bfloat16, 2>;
   using Acc = float;
   using Operand = c10::BFloat16;
 };
 template <>
 struct Config<float> {
   using Tile = SimtTile<float, 64, 32, 64>;
+  using ForwardTile = Tile;
   using Acc = float;
   using Operand = float;
 };
 template <>
 struct Config<double> {
   using Tile = SimtTile<double, 64, 16, 32>;
+  using ForwardTile = Tile;
   using Acc = double;
   using Operand = double;
 };
@@ -252,8 +256,8 @@ __device__ void online_lse(const Params<In, Acc>& p, const Geometry<Tile, In>& g
 
 template <typename In>
 __global__ void __launch_bounds__(kMaxThreads, 1)
-    negative_lse_forward(Params<In, typename Config<In>::Acc> p, Geometry<typename Config<In>::Tile, In> geo) {
-  using Tile = typename Config<In>::Tile;
+    negative_lse_forward(Params<In, typename Config<In>::Acc> p, Geometry<typename Config<In>::ForwardTile, In> geo) {
+  using Tile = typename Config<In>::ForwardTile;
   using Acc = typename Config<In>::Acc;
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Tile::kOwned;

@@ -82,8 +82,8 @@ def op_inputs(case: OpCase, device: str = "cpu", seed: int = 0):
 
 
 # Every kind of excluded table and dtype, at sizes that leave partial CTAs and partial
-# streamed tiles (the fp16/bf16 kernels own 64 rows and stream 64; fp32 64 and 32; fp64
-# 64 and 16), several CTAs and tiles, dims that need padding (19, 40), several gradient
+# streamed tiles (the fp16/bf16 kernels own 64 rows, the forward 128, and stream 64; fp32
+# 64 and 32; fp64 64 and 16), several CTAs and tiles, dims that need padding (19, 40), several gradient
 # chunks (130: 2 chunks of 128 features for fp16/bf16, 3 of 64 for fp32, 5 of 32 for fp64)
 # and dims whose rows fit shared memory only chunk by chunk on a GPU (600: 227 KiB hold
 # 576 fp16/bf16 features in the resident layout, far fewer float32/float64 ones).
@@ -101,6 +101,7 @@ OP_CASES = [
     OpCase(torch.float32, "cross", 20, 600),
     OpCase(torch.float64, "ntxent", 10, 600),
     OpCase(torch.float16, "queue", 3, 8, bank=1),
+    OpCase(torch.bfloat16, "ntxent", 100, 64),  # two forward CTAs of 128 anchors, whole copy rounds only
 ]
 
 Op = Callable[..., Tensors]  # (x, y, excluded, tau, grad_lse, need_dy) -> (lse, dx, dy)
@@ -124,10 +125,11 @@ def assert_op_matches_oracle(run: Op, inputs, dtype: torch.dtype, what: str, tol
 
 
 # Inputs whose row sums the forward's fixed shift cannot hold (csrc/cuda/kernels.cuh, the Triton
-# forward): those rows take the running maximum. Cross layout, 140 anchors (three 64-row CTAs).
+# forward): those rows take the running maximum. Cross layout, 140 anchors (forward CTAs of 128
+# rows for fp16/bf16, 64 for float32/float64).
 FIXED_SHIFT_CASES = (
     "tiny tau",  # tau = 0.004: every term of every row underflows the fixed shift's range
-    "long rows",  # the first 64 anchors 40x longer than unit: their terms overflow, the others' do not
+    "long rows",  # the first 64 anchors 40x longer than unit: their terms overflow, the last 12's do not
     "negative tau",  # tau = -0.3: terms up to 2^9.6, inside the range, and the masked ones must still vanish
 )
 

@@ -375,7 +375,8 @@ struct EmulatedRunner {
   int shared_limit;
   bool immediate_copies;
 
-  int max_shared() const { return shared_limit; }
+  // (At most the emulator's own buffer: a GPU has less, 227 KiB on sm_90.)
+  int max_shared() const { return std::min(shared_limit, static_cast<int>(kSharedBytes)); }
 
   template <typename... Params, typename... Args>
   cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, size_t shared_bytes, Args... args) const {
