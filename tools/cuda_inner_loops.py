@@ -153,11 +153,7 @@ def census(instructions, tile: Dict[str, int], dim: int, owner) -> Dict[str, flo
     loops = back_branches(instructions)
     # The loop over streamed tiles: a barrier and the next tile's copies (a warp-divergence
     # fallback the compiler may add around a barrier outside it has no copies).
-    with_barrier = [
-        (s, e)
-        for s, e in loops
-        if {"BAR", "LDGSTS"} <= {opcode(t) for t, _ in instructions[s : e + 1]}
-    ]
+    with_barrier = [(s, e) for s, e in loops if {"BAR", "LDGSTS"} <= {opcode(t) for t, _ in instructions[s : e + 1]}]
     if len(with_barrier) != 1:
         raise SystemExit(f"cuda_inner_loops: expected one loop with a barrier and copies, found {len(with_barrier)}")
     start, end = with_barrier[0]

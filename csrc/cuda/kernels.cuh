@@ -183,15 +183,16 @@ struct TileMask {
 
 // ---- forward ----
 
-// The fixed shift (docs/MATH.md, the Triton forward): for unit rows every score is <= 1, so
-// with the shift scale2 = log2(e) / tau, the base-2 logit of a score of 1, every term
-// exp2(score * scale2 - scale2) is <= 1 and a row's sum needs no running maximum: one FFMA,
-// one exp2 and one add per score. Whatever the inputs, a row's sum inside
+// The fixed shift (as the Triton forward, backends/triton/forward.py): the op's rows are
+// L2-normalized (backends/base.py), so every score is <= 1 and, with the shift
+// scale2 = log2(e) / tau (the base-2 logit of a score of 1), every term
+// exp2(score * scale2 - scale2) is <= 1: a row's sum needs no running maximum, one FFMA, one
+// exp2 and one add per score. Whatever the inputs, a row's sum inside
 // [kLowestSum, kHighestSum] is exact to the accumulation type's rounding: no term overflowed
 // (each is <= the sum) and the terms that flushed to 0 (each < 2^-126) weigh at most
-// cols * 2^-66 of it. Any other sum (a tiny tau, a row far from all its negatives, rows that
-// are not unit vectors, a tau <= 0, no negatives at all, a NaN) sends the CTA to the
-// running maximum (online_lse), which is exact for every input.
+// cols * 2^-66 of it. Any other sum (a tiny tau, a row far from all its negatives, rows
+// longer than unit or a negative tau whose terms overflow, no negatives at all, a NaN) sends
+// the CTA to the running maximum (online_lse), the forward's only path before.
 constexpr double kLowestSum = 0x1p-60;
 constexpr double kHighestSum = 0x1p100;
 
