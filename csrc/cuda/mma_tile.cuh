@@ -6,11 +6,11 @@
 // of its rows in the m16n8 accumulator layout: lane l (g = l / 4, t = l % 4) holds, of row
 // block b, rows 16 (kRowBlocks w + b) + g and + 8, and of each 8-column block, columns
 // 8 block + 2 t and + 1: 2 kRowBlocks x 16 scores per thread. Two row blocks (the
-// forward) read each streamed fragment once for both, halving the ldmatrix, copy and loop
-// instructions per score; the gradient passes keep one (their product's accumulators take
-// the registers). The same registers, rounded to the input type in pairs, are the A
-// operand of the product with the streamed rows (P . B, as FlashAttention-2 does): no trip
-// through shared memory.
+// forward) use each streamed fragment for both, halving the per-score share of its
+// ldmatrix, of the copies and of the loop; the gradient passes keep one (their product's
+// accumulators take the registers). The same registers, rounded to the input type in
+// pairs, are the A operand of the product with the streamed rows (P . B, as
+// FlashAttention-2 does): no trip through shared memory.
 #pragma once
 
 #include <cuda_bf16.h>

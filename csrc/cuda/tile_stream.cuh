@@ -104,7 +104,7 @@ class RowLoader {
       to += kUnroll * kLanes * 16;
     }
     // The rest: when a thread's copies are not a multiple of kUnroll (fp16/bf16 rows of a D that
-    // is not a multiple of 64; float32 32; float64 64), and pieces past the last feature.
+    // is not a multiple of 64, float32 and float64 of 32), and pieces past the last feature.
     for (; rare(k < real); k += kLanes, from += kLanes * kPiece, to += kLanes * 16) {
       ptx::cp_async_16(to, from, bytes);
     }
