@@ -424,10 +424,11 @@ def cuda_loops(arch: int, log) -> Dict[tuple, dict]:
     """The loop columns of the CUDA kernels, per (kernel, input type): {} where they cannot be counted.
 
     tools/cuda_inner_loops.py compiles csrc/cuda with the rare paths (masked tiles, the
-    chunked layout) compiled out and counts what a thread executes per streamed tile at
-    D = CUDA_LOOP_D, each nested loop (the k loop, the cp.async copies, the gradient
-    product) times its trips, over the score elements it holds per tile (its TILES: 32 for
-    fp16, bf16 and fp32, 16 for fp64, as csrc/cuda/negative_lse_kernels.cu's header says).
+    chunked layout, the forward's repair) replaced by traps and counts what a thread executes
+    per streamed tile at D = CUDA_LOOP_D, each nested loop (the k loop, the cp.async copies,
+    the gradient product) times its trips, over the score elements it holds per tile (its
+    TILES and FORWARD_TILES: 32 for fp16, bf16 and fp32, 64 in the fp16/bf16 forward, 16 for
+    fp64, as csrc/cuda/negative_lse_kernels.cu's header says).
     The extension's own loop, counted statically as the Triton kernels' are, would mislead:
     its body also holds the rare paths, and its nested loops would count once.
     """

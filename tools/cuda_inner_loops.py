@@ -2,13 +2,14 @@
 
 Compiles csrc/cuda/negative_lse_kernels.cu to a cubin (device code only, no GPU needed)
 with -DMACL_CUDA_COMMON_PATH_ONLY and line information, and disassembles it (nvdisasm
--gi). That build computes every rare path's condition but compiles the path out
-(tile_stream.cuh's rare(): masked tiles, the last partial tile, the chunked layout), so
-each kernel keeps one loop over streamed tiles, the one that holds the barrier, and its
-body is what a thread executes per tile in the common case. Each loop nested in it
-counts its body times its trip count at the given D, from the function it belongs to
-(the k loop of add_scores, the gradient product, the cp.async copies). Divided by the
-score elements a thread holds per tile: "instructions per score element".
+-gi). That build computes every rare path's condition and branches on it, but to a trap
+instead of the path (tile_stream.cuh's rare(): masked tiles, the last partial tile, the
+chunked layout, the forward's repair), so each kernel keeps one loop over streamed tiles,
+the one that holds the barrier and the copies, and its body is what a thread executes per
+tile in the common case. Each loop nested in it counts its body times its trip count at
+the given D, from the function it belongs to (the k loop of add_scores, the gradient
+product, the cp.async copies). Divided by the score elements a thread holds per tile:
+"instructions per score element".
 
 Prints one line per kernel; exits 1 if a kernel's loops are not as expected.
 
@@ -35,13 +36,24 @@ SOURCE = os.path.join(ROOT, "csrc", "cuda", "negative_lse_kernels.cu")
 
 # Per input type (kernels.cuh's Config): threads, streamed rows per tile, score elements per
 # thread and tile, scores per row a thread holds (the k loop's width), gradient features per
-# CTA, bytes per value.
+# CTA, bytes per value, 16-row blocks per warp (MmaTile's kRowBlocks): the gradient passes'
+# tile (Config::Tile), with the forward's changes (Config::ForwardTile) in FORWARD_TILES.
 TILES = {
-    "__half": dict(threads=128, streamed=64, elements=32, cols=16, output=128, size=2),
-    "__nv_bfloat16": dict(threads=128, streamed=64, elements=32, cols=16, output=128, size=2),
-    "float": dict(threads=64, streamed=32, elements=32, cols=32, output=64, size=4),
-    "double": dict(threads=64, streamed=16, elements=16, cols=16, output=32, size=8),
+    "__half": dict(threads=128, streamed=64, elements=32, cols=16, output=128, size=2, row_blocks=1),
+    "__nv_bfloat16": dict(threads=128, streamed=64, elements=32, cols=16, output=128, size=2, row_blocks=1),
+    "float": dict(threads=64, streamed=32, elements=32, cols=32, output=64, size=4, row_blocks=1),
+    "double": dict(threads=64, streamed=16, elements=16, cols=16, output=32, size=8, row_blocks=1),
 }
+FORWARD_TILES = {
+    "__half": dict(elements=64, row_blocks=2),
+    "__nv_bfloat16": dict(elements=64, row_blocks=2),
+}
+
+
+def tile_of(kernel: str, dtype: str) -> Dict[str, int]:
+    """The tile figures of a kernel (negative_lse_forward, ..._rows_grad, ..._cols_grad) for an input type."""
+    return {**TILES[dtype], **(FORWARD_TILES.get(dtype, {}) if kernel == "negative_lse_forward" else {})}
+
 
 Chain = Tuple[Tuple[str, int], ...]  # (file, line) from the innermost inlined call outwards
 
@@ -136,13 +148,14 @@ def enclosing_functions() -> Dict[Tuple[str, int], str]:
     return owner
 
 
-def census(instructions, dtype: str, dim: int, owner) -> Dict[str, float]:
+def census(instructions, tile: Dict[str, int], dim: int, owner) -> Dict[str, float]:
     """Instructions one thread executes in one tile iteration (common path), and its MUFU count."""
-    tile = TILES[dtype]
     loops = back_branches(instructions)
-    with_barrier = [(s, e) for s, e in loops if any(opcode(t) == "BAR" for t, _ in instructions[s : e + 1])]
+    # The loop over streamed tiles: a barrier and the next tile's copies (a warp-divergence
+    # fallback the compiler may add around a barrier outside it has no copies).
+    with_barrier = [(s, e) for s, e in loops if {"BAR", "LDGSTS"} <= {opcode(t) for t, _ in instructions[s : e + 1]}]
     if len(with_barrier) != 1:
-        raise SystemExit(f"cuda_inner_loops: expected one loop with a barrier, found {len(with_barrier)}")
+        raise SystemExit(f"cuda_inner_loops: expected one loop with a barrier and copies, found {len(with_barrier)}")
     start, end = with_barrier[0]
     nested = [(s, e) for s, e in loops if start < s and e < end]
     pieces = dim * tile["size"] // 16  # 16-byte copies per row
@@ -158,7 +171,11 @@ def census(instructions, dtype: str, dim: int, owner) -> Dict[str, float]:
         ops = collections.Counter(opcode(text) for text, _ in body)
         if function == "add_scores":  # features per iteration from the products in the body
             if ops["HMMA"]:
-                return (dim - 16) / (16 * ops["HMMA"] / (tile["streamed"] // 8))  # (the first step is peeled)
+                # Whole iterations of the unrolled loop after the peeled first step; the step
+                # left over (7 steps at D = 128, 2 per iteration) sits outside the loop and
+                # counts once.
+                steps = ops["HMMA"] / (tile["streamed"] // 8 * tile["row_blocks"])  # steps per iteration
+                return (dim - 16) // 16 // steps
             return dim / ((ops["FFMA"] + ops["DFMA"]) / tile["cols"])
         if function == "add":  # SimtTile's product: one weight (kOutput FMAs) per trip
             return tile["cols"] / ((ops["FFMA"] + ops["DFMA"]) / tile["output"])
@@ -197,8 +214,9 @@ def measure(arch: str, dim: int) -> Dict[Tuple[str, str], Dict[str, float]]:
     for mangled, name in zip(functions, check_spills.demangle(list(functions))):
         match = KERNEL.search(name)
         if match:
-            counts = census(functions[mangled], match.group(2), dim, owner)
-            found[match.groups()] = {**counts, "elements": TILES[match.group(2)]["elements"]}
+            tile = tile_of(*match.groups())
+            counts = census(functions[mangled], tile, dim, owner)
+            found[match.groups()] = {**counts, "elements": tile["elements"]}
     return found
 
 

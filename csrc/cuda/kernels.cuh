@@ -26,31 +26,35 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr int kMaxThreads = 128;  // per CTA, every tile (a bound the register allocation respects)
 constexpr double kLn2 = 0.6931471805599453;
 
-// Per input type: the tile, the accumulation type, and the type whose rounding the
-// products see (lse_math.h's weight_operand).
+// Per input type: the tiles (the forward's, and the gradient passes'), the accumulation
+// type, and the type whose rounding the products see (lse_math.h's weight_operand).
 template <typename In>
 struct Config;
 template <>
 struct Config<__half> {
   using Tile = MmaTile<__half>;
+  using ForwardTile = MmaTile<__half, 2>;
   using Acc = float;
   using Operand = c10::Half;
 };
 template <>
 struct Config<__nv_bfloat16> {
   using Tile = MmaTile<__nv_bfloat16>;
+  using ForwardTile = MmaTile<__nv_bfloat16, 2>;
   using Acc = float;
   using Operand = c10::BFloat16;
 };
 template <>
 struct Config<float> {
   using Tile = SimtTile<float, 64, 32, 64>;
+  using ForwardTile = Tile;
   using Acc = float;
   using Operand = float;
 };
 template <>
 struct Config<double> {
   using Tile = SimtTile<double, 64, 16, 32>;
+  using ForwardTile = Tile;
   using Acc = double;
   using Operand = double;
 };
@@ -111,28 +115,64 @@ struct RowExclusions {
   }
 };
 
-// What masks a streamed tile's entries for the owned rows' view: the tile's columns past
-// the last candidate, and each row's excluded columns that fall in the tile (as tile
-// columns, -1 if none). `any` is uniform over the warp.
+// Which streamed tiles a warp must mask for its owned rows: per exclusion slot, the run of
+// tiles from the one holding the warp's smallest excluded column of that slot to the one
+// holding its largest (for the usual layouts one or two tiles; any tile between them is
+// masked too, harmlessly), and the tile past the last full one (missing columns). Set up
+// once per kernel; a tile costs a few uniform comparisons, and only masked tiles build a
+// TileMask.
+template <typename Tile>
+struct MaskedTiles {
+  int first[2], count[2];  // per slot, the run [first, first + count); count 0 when empty
+  int full;                // tiles [0, full) hold no missing column
+
+  __device__ MaskedTiles(const RowExclusions<Tile>& rows, int cols) {
+    full = cols / Tile::kStreamed;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      int lo = 1 << 30, hi = -1;
+#pragma unroll
+      for (int i = 0; i < Tile::kRows; ++i) {
+        const int e = rows.e[i][k];
+        if (0 <= e && e < cols) {  // -1 (none) and columns past the end exclude nothing
+          lo = min(lo, e / Tile::kStreamed);
+          hi = max(hi, e / Tile::kStreamed);
+        }
+      }
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, offset));
+        hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
+      }
+      first[k] = lo;
+      count[k] = hi >= lo ? hi - lo + 1 : 0;
+    }
+  }
+
+  __device__ bool masked(int t) const {
+    return static_cast<unsigned>(t - first[0]) < static_cast<unsigned>(count[0]) ||
+           static_cast<unsigned>(t - first[1]) < static_cast<unsigned>(count[1]) || t >= full;
+  }
+};
+
+// What masks the entries of a streamed tile (one MaskedTiles names) for the owned rows'
+// view: the tile's columns past the last candidate, and each row's excluded columns that
+// fall in the tile (as tile columns, -1 if none).
 template <typename Tile>
 struct TileMask {
   int valid;  // columns [0, valid) of the tile are candidates
   int e[Tile::kRows][2];
-  bool any;
 
   __device__ TileMask(const RowExclusions<Tile>& rows, int col0, int cols) {
     valid = min(cols - col0, Tile::kStreamed);
-    bool hit = false;
 #pragma unroll
     for (int i = 0; i < Tile::kRows; ++i) {
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const int local = rows.e[i][k] - col0;  // -1 (none) stays outside the tile
         e[i][k] = static_cast<unsigned>(local) < static_cast<unsigned>(Tile::kStreamed) ? local : -1;
-        hit |= e[i][k] >= 0;
       }
     }
-    any = __any_sync(0xffffffffu, hit) || valid < Tile::kStreamed;
   }
 
   __device__ bool masked(int i, int j) const {
@@ -143,29 +183,49 @@ struct TileMask {
 
 // ---- forward ----
 
-template <typename In>
-__global__ void __launch_bounds__(kMaxThreads, 1)
-    negative_lse_forward(Params<In, typename Config<In>::Acc> p, Geometry<typename Config<In>::Tile, In> geo) {
-  using Tile = typename Config<In>::Tile;
-  using Acc = typename Config<In>::Acc;
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Tile::kOwned;
-  const Acc scale2 = Acc(kLog2e) / *p.tau;  // logit * log2(e) = score * scale2
-  const RowExclusions<Tile> exclusions(p.excluded, row0, p.rows);
+// The fixed shift (as the Triton forward, backends/triton/forward.py): the op's rows are
+// L2-normalized (backends/base.py), so every score is <= 1 and, with the shift
+// scale2 = log2(e) / tau (the base-2 logit of a score of 1), every term
+// exp2(score * scale2 - scale2) is <= 1: a row's sum needs no running maximum, one FFMA, one
+// exp2 and one add per score. Whatever the inputs, a row's sum inside
+// [kLowestSum, kHighestSum] is exact to the accumulation type's rounding: no term overflowed
+// (each is <= the sum) and the terms that flushed to 0 (each < 2^-126) weigh at most
+// cols * 2^-66 of it. Any other sum (a tiny tau, a row far from all its negatives, rows
+// longer than unit or a negative tau whose terms overflow, no negatives at all, a NaN) sends
+// the CTA to the running maximum (online_lse), the forward's only path before.
+constexpr double kLowestSum = 0x1p-60;
+constexpr double kHighestSum = 0x1p100;
+
+// sum[i] += the tile's terms exp2(score * scale2 - shift2) of row i, except those of the
+// entries hidden(i, j) names.
+template <typename Tile, typename Acc, typename Hidden>
+__device__ inline void add_terms(Tile& tile, Acc scale2, Acc shift2, Acc (&sum)[Tile::kRows], const Hidden& hidden) {
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < Tile::kCols; ++j) {
+      const Acc term = exp2_of(fma(tile.at(i, j), scale2, -shift2));
+      sum[i] += hidden(i, j) ? Acc(0) : term;
+    }
+  }
+}
+
+// The classic online log-sum-exp (running maximum and sum, base 2) of the owned rows over
+// every streamed tile: the repair of the rows the fixed shift cannot hold; lse[i] for row i.
+template <typename In, typename Tile, typename Acc>
+__device__ void online_lse(const Params<In, Acc>& p, const Geometry<Tile, In>& geo, const Sides<In>& sides,
+                           const RowExclusions<Tile>& exclusions, const MaskedTiles<Tile>& masked_tiles, Tile& tile,
+                           unsigned char* smem, Acc scale2, Acc (&lse)[Tile::kRows]) {
   Acc max2[Tile::kRows], sum[Tile::kRows];  // per row: running max (base 2) and this thread's part of the sum
 #pragma unroll
   for (int i = 0; i < Tile::kRows; ++i) {
     max2[i] = negative_infinity<Acc>();
     sum[i] = Acc(0);
   }
-  Tile tile(smem + geo.owned_bytes() + geo.streamed_bytes());
-  const Sides<In> sides{p.x, static_cast<int>(p.rows), static_cast<int>(row0), p.y, static_cast<int>(p.cols),
-                        nullptr};
-
   for_each_tile<0>(geo, sides, geo.chunks() - 1, tile, smem, [&](int t, const In*, const void*) {
     const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
     Acc scale = scale2;  // what turns the tile's values into base-2 logits
-    if (rare(mask.any || !(scale2 > Acc(0)))) {
+    if (masked_tiles.masked(t) || !(scale2 > Acc(0))) {
       // Masked entries (the tile holds an excluded or a missing column), or a scale <= 0
       // (then the max logit is not the max score times the scale).
 #pragma unroll
@@ -191,13 +251,52 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
       max2[i] = next;
     }
   });
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) lse[i] = lse_value(max2[i] * Acc(kLn2), row_sum<Tile>(sum[i]));
+}
 
+template <typename In>
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    negative_lse_forward(Params<In, typename Config<In>::Acc> p, Geometry<typename Config<In>::ForwardTile, In> geo) {
+  using Tile = typename Config<In>::ForwardTile;
+  using Acc = typename Config<In>::Acc;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Tile::kOwned;
+  const Acc scale2 = Acc(kLog2e) / *p.tau;  // logit * log2(e) = score * scale2; also the fixed shift
+  const RowExclusions<Tile> exclusions(p.excluded, row0, p.rows);
+  const MaskedTiles<Tile> masked_tiles(exclusions, static_cast<int>(p.cols));
+  Tile tile(smem + geo.owned_bytes() + geo.streamed_bytes());
+  const Sides<In> sides{p.x, static_cast<int>(p.rows), static_cast<int>(row0), p.y, static_cast<int>(p.cols),
+                        nullptr};
+
+  Acc sum[Tile::kRows];  // per row: this thread's part of the sum of exp2(logit2 - scale2)
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) sum[i] = Acc(0);
+  for_each_tile<0>(geo, sides, geo.chunks() - 1, tile, smem, [&](int t, const In*, const void*) {
+    if (rare(masked_tiles.masked(t))) {  // the tile may hold an excluded or a missing column
+      const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
+      add_terms(tile, scale2, scale2, sum, [&](int i, int j) { return mask.masked(i, j); });
+    } else {
+      add_terms(tile, scale2, scale2, sum, [](int, int) { return false; });
+    }
+  });
+
+  Acc lse[Tile::kRows];
+  bool exact = true;
 #pragma unroll
   for (int i = 0; i < Tile::kRows; ++i) {
     const Acc total = row_sum<Tile>(sum[i]);
+    lse[i] = scale2 * Acc(kLn2) + log_of(total);
+    exact &= row0 + Tile::row(i) >= p.rows || (total >= Acc(kLowestSum) && total <= Acc(kHighestSum));
+  }
+  if (rare(__syncthreads_or(!exact))) {  // a row of the CTA needs the running maximum
+    online_lse(p, geo, sides, exclusions, masked_tiles, tile, smem, scale2, lse);
+  }
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
     const int64_t row = row0 + Tile::row(i);
     if (threadIdx.x % Tile::kRowLanes == 0 && row < p.rows) {
-      p.out[row] = lse_value(max2[i] * Acc(kLn2), total);
+      p.out[row] = lse[i];
     }
   }
 }
@@ -274,6 +373,7 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
 
   if constexpr (!kColumns) {
     const RowExclusions<Tile> exclusions(p.excluded, owned0, p.rows);
+    const MaskedTiles<Tile> masked_tiles(exclusions, static_cast<int>(p.cols));
     Acc shift2[Tile::kRows], factor[Tile::kRows];
 #pragma unroll
     for (int i = 0; i < Tile::kRows; ++i) {
@@ -289,8 +389,8 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
     for_each_tile<0>(geo, sides, output_chunk, tile, smem, [&](int t, const In* rows, const void*) {
       set_weights<Operand>(
           tile, scale2, [&](int i, int) { return shift2[i]; }, [&](int i, int) { return factor[i]; });
-      const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
-      if (rare(mask.any)) {  // a tile with an excluded or a missing column
+      if (rare(masked_tiles.masked(t))) {  // a tile that may hold an excluded or a missing column
+        const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
         clear_masked(tile, [&](int i, int j) { return mask.masked(i, j); });
       }
       product.add(tile, rows, geo.stride());

@@ -17,19 +17,21 @@ namespace macl::cuda {
 namespace {
 
 static_assert(Config<__half>::Tile::kThreads <= kMaxThreads && Config<float>::Tile::kThreads <= kMaxThreads &&
-              Config<double>::Tile::kThreads <= kMaxThreads);
+              Config<double>::Tile::kThreads <= kMaxThreads && Config<__half>::ForwardTile::kThreads <= kMaxThreads);
 // Rows of padded operands start on 16-byte boundaries (cp.async copies 16 bytes).
 static_assert(Config<__half>::Tile::kStep * sizeof(__half) % 16 == 0 && Config<float>::Tile::kStep * 4 % 16 == 0 &&
               Config<double>::Tile::kStep * 8 % 16 == 0);
 
 template <typename In>
-using GeometryOf = Geometry<typename Config<In>::Tile, In>;
+using GeometryOf = Geometry<typename Config<In>::Tile, In>;  // the gradient passes'
+template <typename In>
+using ForwardGeometryOf = Geometry<typename Config<In>::ForwardTile, In>;
 
 // The resident layout when it fits the device's shared memory, else the chunked one.
-template <typename In>
-GeometryOf<In> choose_geometry(int64_t ld, int params_bytes, int max_shared) {
-  GeometryOf<In> geo{static_cast<int>(ld), true, params_bytes};
-  if (!GeometryOf<In>::can_be_resident(geo.ld) || geo.shared_bytes() > static_cast<size_t>(max_shared)) {
+template <typename In, typename Geo = GeometryOf<In>>
+Geo choose_geometry(int64_t ld, int params_bytes, int max_shared) {
+  Geo geo{static_cast<int>(ld), true, params_bytes};
+  if (!Geo::can_be_resident(geo.ld) || geo.shared_bytes() > static_cast<size_t>(max_shared)) {
     geo.resident = false;
   }
   return geo;
@@ -56,10 +58,10 @@ Params<In, typename Config<In>::Acc> make_params(const LseArgs& a) {
 
 template <typename In, typename Runner>
 cudaError_t run_forward(Runner& runner, const LseArgs& args, void* lse) {
-  using Tile = typename Config<In>::Tile;
+  using Tile = typename Config<In>::ForwardTile;
   auto p = make_params<In>(args);
   p.out = static_cast<typename Config<In>::Acc*>(lse);
-  const GeometryOf<In> geo = choose_geometry<In>(args.ld, 0, runner.max_shared());
+  const auto geo = choose_geometry<In, ForwardGeometryOf<In>>(args.ld, 0, runner.max_shared());
   return runner.launch(negative_lse_forward<In>, dim3(blocks(p.rows, Tile::kOwned)), Tile::kThreads,
                        geo.shared_bytes(), p, geo);
 }

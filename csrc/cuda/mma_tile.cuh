@@ -1,12 +1,16 @@
 // A CTA's tile of scores and its gradient product on the tensor cores (fp16 / bf16
 // inputs, fp32 accumulators), with mma.sync m16n8k16 fed by ldmatrix from shared memory.
 //
-// The CTA owns kOwned = 64 rows (4 warps x 16) and meets kStreamed = 64 streamed rows per
-// tile. Warp w holds the 16 x 64 scores of its rows in the m16n8 accumulator layout:
-// lane l (g = l / 4, t = l % 4) holds rows 16 w + g and 16 w + g + 8 (i = 0, 1) and, of
-// each 8-column block b, columns 8 b + 2 t and + 1: 2 x 16 scores per thread. The same
-// registers, rounded to the input type in pairs, are the A operand of the product with
-// the streamed rows (P . B, as FlashAttention-2 does): no trip through shared memory.
+// The CTA has 4 warps; each owns kRowBlocks blocks of 16 rows (kOwned = 64 kRowBlocks
+// rows per CTA) and meets kStreamed = 64 streamed rows per tile. Warp w holds the scores
+// of its rows in the m16n8 accumulator layout: lane l (g = l / 4, t = l % 4) holds, of row
+// block b, rows 16 (kRowBlocks w + b) + g and + 8, and of each 8-column block, columns
+// 8 block + 2 t and + 1: 2 kRowBlocks x 16 scores per thread. Two row blocks (the
+// forward) use each streamed fragment for both, halving the per-score share of its
+// ldmatrix, of the copies and of the loop; the gradient passes keep one (their product's
+// accumulators take the registers). The same registers, rounded to the input type in
+// pairs, are the A operand of the product with the streamed rows (P . B, as
+// FlashAttention-2 does): no trip through shared memory.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,22 +23,25 @@
 
 namespace macl::cuda {
 
-template <typename In>
+template <typename In, int kRowBlocks = 1>
 struct MmaTile {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kOwned = 16 * kWarps;  // rows per CTA
+  static constexpr int kOwned = 16 * kRowBlocks * kWarps;  // rows per CTA
   static constexpr int kStreamed = 64;        // rows per streamed tile
   static constexpr int kBlocks = kStreamed / 8;  // 8-column blocks of the scores
-  static constexpr int kRows = 2;              // owned rows per thread
+  static constexpr int kRows = 2 * kRowBlocks;  // owned rows per thread
   static constexpr int kCols = 2 * kBlocks;    // streamed columns per thread and row
   static constexpr int kRowLanes = 4;          // lanes sharing a row (a quad)
-  static constexpr int kOutput = 128;          // gradient features per CTA (registers: 64 per thread)
+  // Gradient features per CTA (registers: 64 per thread), and the chunked layout's step
+  // (tile_stream.cuh): 64 features for two row blocks (the forward, no product), so that
+  // two stages of 128 owned rows fit in 99 KiB of shared memory.
+  static constexpr int kOutput = 128 / kRowBlocks;
   static constexpr int kStep = 16;             // features per mma
   static constexpr int kScratchBytes = 0;      // (the weights stay in registers)
   static constexpr int kSlackBytes = kOutput * sizeof(In);  // read past the streamed rows' end
 
-  float s[kBlocks][4];                // scores, then weights: element (i, j) is s[j / 2][2 i + j % 2]
+  float s[kRowBlocks][kBlocks][4];  // scores: element (i, j) is s[i / 2][j / 2][2 (i % 2) + j % 2]
   uint32_t operand[kRows][kCols / 2];  // the weights as input-type pairs, columns (2 k, 2 k + 1)
 
   __device__ explicit MmaTile(void*) {}
@@ -42,10 +49,10 @@ struct MmaTile {
   __device__ static int warp() { return threadIdx.x / 32; }
   __device__ static int lane() { return threadIdx.x % 32; }
   // The CTA-local owned row of this thread's row i, and the streamed column of its column j.
-  __device__ static int row(int i) { return 16 * warp() + lane() / 4 + 8 * i; }
+  __device__ static int row(int i) { return 16 * (kRowBlocks * warp() + i / 2) + lane() / 4 + 8 * (i % 2); }
   __device__ static int col(int j) { return 8 * (j / 2) + 2 * (lane() % 4) + j % 2; }
 
-  __device__ float& at(int i, int j) { return s[j / 2][2 * i + j % 2]; }
+  __device__ float& at(int i, int j) { return s[i / 2][j / 2][2 * (i % 2) + j % 2]; }
 
   // s = A B^T (or s += A B^T when `accumulate`) over `features` (a multiple of kStep): A
   // the owned rows, B the streamed rows, both row-major in shared memory with leading
@@ -54,38 +61,46 @@ struct MmaTile {
     const int l = lane();
     // ldmatrix rows: A's 16 x 16 block as (rows 0-7, 8-15) x (features 0-7, 8-15); B's as
     // (columns 0-7: features 0-7, 8-15; columns 8-15: features 0-7, 8-15). Shared-memory
-    // addresses in bytes, one per 16-column pair of B, advanced 32 bytes per step.
-    uint32_t a_row = ptx::shared_address(a + (16 * warp() + l % 16) * lda + (l / 16) * 8);
+    // addresses in bytes, one per 16-row block of A and 16-column pair of B, advanced 32
+    // bytes per step.
+    uint32_t a_rows[kRowBlocks];
+#pragma unroll
+    for (int rb = 0; rb < kRowBlocks; ++rb) {
+      a_rows[rb] = ptx::shared_address(a + (16 * (kRowBlocks * warp() + rb) + l % 16) * lda + (l / 16) * 8);
+    }
     uint32_t b_rows[kBlocks / 2];
 #pragma unroll
     for (int pair = 0; pair < kBlocks / 2; ++pair) {
       b_rows[pair] = ptx::shared_address(b + (16 * pair + (l / 16) * 8 + l % 8) * ldb + ((l / 8) % 2) * 8);
     }
-    int k = 0;
-    if (!accumulate) {  // the first step overwrites s: no zeroing
-      uint32_t fa[4];
-      ptx::ldmatrix_x4(fa, a_row);
+    // One step: features [k, k + 16) of every row block against every column pair.
+    auto step = [&](int k, bool first) {
+      uint32_t fa[kRowBlocks][4];
 #pragma unroll
-      for (int pair = 0; pair < kBlocks / 2; ++pair) {
-        uint32_t fb[4];
-        ptx::ldmatrix_x4(fb, b_rows[pair]);
-        ptx::mma_m16n8k16_first<In>(s[2 * pair], fa, fb[0], fb[1]);
-        ptx::mma_m16n8k16_first<In>(s[2 * pair + 1], fa, fb[2], fb[3]);
-      }
-      k = kStep;
-    }
-#pragma unroll 2
-    for (; k < features; k += kStep) {
-      uint32_t fa[4];
-      ptx::ldmatrix_x4(fa, a_row + k * sizeof(In));
+      for (int rb = 0; rb < kRowBlocks; ++rb) ptx::ldmatrix_x4(fa[rb], a_rows[rb] + k * sizeof(In));
 #pragma unroll
       for (int pair = 0; pair < kBlocks / 2; ++pair) {
         uint32_t fb[4];
         ptx::ldmatrix_x4(fb, b_rows[pair] + k * sizeof(In));
-        ptx::mma_m16n8k16<In>(s[2 * pair], fa, fb[0], fb[1]);
-        ptx::mma_m16n8k16<In>(s[2 * pair + 1], fa, fb[2], fb[3]);
+#pragma unroll
+        for (int rb = 0; rb < kRowBlocks; ++rb) {
+          if (first) {  // overwrites s: no zeroing
+            ptx::mma_m16n8k16_first<In>(s[rb][2 * pair], fa[rb], fb[0], fb[1]);
+            ptx::mma_m16n8k16_first<In>(s[rb][2 * pair + 1], fa[rb], fb[2], fb[3]);
+          } else {
+            ptx::mma_m16n8k16<In>(s[rb][2 * pair], fa[rb], fb[0], fb[1]);
+            ptx::mma_m16n8k16<In>(s[rb][2 * pair + 1], fa[rb], fb[2], fb[3]);
+          }
+        }
       }
+    };
+    int k = 0;
+    if (!accumulate) {
+      step(0, true);
+      k = kStep;
     }
+#pragma unroll 2
+    for (; k < features; k += kStep) step(k, false);
   }
 
   // Columns j, j + 1 (j even) of row i as product operands: p * factor rounded to In
@@ -120,6 +135,7 @@ struct MmaTile {
     // read too (they only reach output features that are never written; the shared
     // allocation has kSlackBytes past its end for them).
     __device__ void add(const MmaTile& w, const In* b, int ldb) {
+      static_assert(kRowBlocks == 1, "the gradient product takes one row block per warp");
       const int l = lane();
       // ldmatrix.trans rows: B's 16 x 16 block as (rows 0-15) x (features 0-7, 8-15).
       const uint32_t b_rows = ptx::shared_address(b + (l % 16) * ldb + (l / 16) * 8);

@@ -7,10 +7,12 @@
 // with the scores of one owned block x streamed tile in registers (mma_tile.cuh,
 // simt_tile.cuh):
 //
-//   negative_lse_forward     owns anchors, streams the candidates; keeps each row's online
-//                            log-sum-exp (running max and sum, base 2) in registers, the
-//                            max merged across the row's lanes once per tile, the sums at
-//                            the end.
+//   negative_lse_forward     owns anchors, streams the candidates; sums each row's terms
+//                            exp2(logit2 - log2(e) / tau) in registers (the fixed shift of
+//                            kernels.cuh: no running maximum, one exp2 per score), merged
+//                            across the row's lanes at the end; a CTA with a row whose sum
+//                            the fixed shift cannot hold redoes its rows with the online
+//                            log-sum-exp (running max and sum, base 2).
 //   negative_lse_rows_grad   owns anchors, streams candidates: dx = E y for one chunk of
 //                            gradient features (grid.y), accumulated in registers over the
 //                            whole candidate loop and written once.
@@ -24,22 +26,26 @@
 // backward's weights are rounded as lse_math.h says (weight_operand).
 //
 // The inner loop, for the codegen report: the loop over streamed tiles in
-// tile_stream.cuh's stream_tiles, the one loop that holds a barrier. In the resident
-// layout (the owned rows and two stages of streamed rows fit in shared memory: D up to
-// 576 for fp16/bf16 on sm_90, 416 on sm_80) an iteration is one tile: wait for its
-// copies, issue the next tile's, the scores (add_scores), the kernel's epilogue. Per
-// thread and iteration:
-//   fp16/bf16 (MmaTile)  64 owned x 64 streamed rows, 4 warps of 16 owned rows: 2 rows x
-//                        16 columns = 32 score elements per thread. Scores: D / 16 steps
-//                        of 5 ldmatrix.x4 and 8 HMMA.16816; the gradient passes add 32
-//                        ldmatrix.x4.trans and 64 HMMA (128 gradient features).
+// tile_stream.cuh's stream_tiles, the loop that holds a barrier and issues the copies. In
+// the resident layout (the owned rows and two stages of streamed rows fit in shared
+// memory: D up to 576 for fp16/bf16 on sm_90, 416 on sm_80; for the forward's 128 owned
+// rows 432 and 304) an iteration is one tile: wait for its copies, issue the next tile's,
+// the scores (add_scores), the kernel's epilogue. Per thread and iteration:
+//   fp16/bf16 (MmaTile)  gradient passes: 64 owned x 64 streamed rows, 4 warps of 16 owned
+//                        rows: 2 rows x 16 columns = 32 score elements per thread. Scores:
+//                        D / 16 steps of 5 ldmatrix.x4 and 8 HMMA.16816; the product adds
+//                        32 ldmatrix.x4.trans and 64 HMMA (128 gradient features).
+//                        Forward: 128 x 64, 4 warps of 2 x 16 owned rows: 64 elements per
+//                        thread; D / 16 steps of 6 ldmatrix.x4 and 16 HMMA.
 //   float32 (SimtTile)   64 x 32, one owned row per thread: 32 elements per thread.
 //   float64 (SimtTile)   64 x 16: 16 elements per thread.
-// Nested in it: the k loop of add_scores (D / 32 iterations for fp16/bf16), the cp.async
-// copy loop (64 rows x D / 8 copies over 128 threads: D / 16 iterations), the gradient
-// product of SimtTile. The paths for masked tiles (excluded or missing columns) and the
-// chunked layout sit behind tile_stream.cuh's rare(); tools/cuda_inner_loops.py builds
-// without them (-DMACL_CUDA_COMMON_PATH_ONLY) and counts instructions per element.
+// Nested in it: the k loop of add_scores (two steps per iteration for fp16/bf16), the
+// cp.async copy loop (each streamed row copied by 2 threads for fp16/bf16, 4 copies of 16
+// bytes per iteration: D / 64 iterations), the gradient product of SimtTile. The paths for
+// masked tiles (excluded or missing columns), the chunked layout, the forward's repair and
+// copies left over from whole iterations sit behind tile_stream.cuh's rare();
+// tools/cuda_inner_loops.py builds with each rare path replaced by a trap
+// (-DMACL_CUDA_COMMON_PATH_ONLY) and counts instructions per element.
 #include <cuda_runtime.h>
 
 #include <cstddef>

@@ -21,12 +21,16 @@
 namespace macl::cuda {
 
 // The condition of a rare path (a masked tile, the last partial tile, the chunked
-// layout). A build with -DMACL_CUDA_COMMON_PATH_ONLY, for counting the instructions of
-// the common path (tools/cuda_inner_loops.py), still computes the condition but compiles
-// the rare path out; the extension's build never defines it.
+// layout, the forward's repair). A build with -DMACL_CUDA_COMMON_PATH_ONLY, for counting
+// the instructions of the common path (tools/cuda_inner_loops.py), still computes the
+// condition and branches on it, but to a trap instead of the rare path; the extension's
+// build never defines it. (A condition nothing consumes would be deleted by ptxas, and
+// the count would miss what the common path pays to test it.)
 #if defined(MACL_CUDA_COMMON_PATH_ONLY)
 __device__ inline bool rare(bool condition) {
-  asm volatile("" ::"r"(static_cast<int>(condition)));
+  if (condition) {
+    __trap();
+  }
   return false;
 }
 #else
@@ -62,59 +66,73 @@ struct Geometry {
   __host__ static bool can_be_resident(int ld) { return ld * static_cast<int>(sizeof(In)) / 16 <= Tile::kThreads; }
 };
 
-// Copies `count` rows of a row-major array of `ld`-element rows to shared memory rows of
-// `stride` elements: features [f0, f0 + width) of each, zeros past the array's last row
-// or last feature. Each thread copies one 16-byte piece of a row and moves down the rows;
-// the width and the strides are fixed per loader, so a copy costs a few instructions.
-template <typename In>
+// Copies rows of a row-major array of `ld`-element rows to shared memory rows of `stride`
+// elements: features [f0, f0 + width) of each, zeros past the array's last row or last
+// feature. Each row is copied by kThreads / kCount threads (kCount rows at once), lane h of
+// a row taking its 16-byte pieces h, h + lanes, ...: a thread's copies are one row's
+// pieces at fixed steps, so that the unrolled loop addresses them by constant offsets
+// from one pointer (one instruction per copy), and the lanes of a row read its bytes
+// contiguously.
+template <typename In, int kThreads>
 class RowLoader {
  public:
   static constexpr int kPiece = 16 / sizeof(In);  // elements per copy
+  static constexpr int kUnroll = 4;                // copies per iteration of the copy loop
 
-  __device__ RowLoader(int width, int threads, int64_t ld, int stride) : ld_(ld) {
-    const int pieces = width / kPiece;
-    feature_ = threadIdx.x % pieces * kPiece;
-    row_step_ = threads / pieces;
-    const bool idle = threadIdx.x >= row_step_ * pieces;  // (threads not a multiple of pieces)
-    const int row = idle ? 0 : threadIdx.x / pieces;
-    first_row_ = idle ? 1 << 30 : row;  // an idle thread copies no row
-    from_offset_ = row * ld + feature_;
-    to_offset_ = static_cast<uint32_t>((row * stride + feature_) * sizeof(In));
-    from_step_ = row_step_ * ld;
-    to_step_ = static_cast<uint32_t>(row_step_ * stride * sizeof(In));
-  }
+  __device__ RowLoader(int width, int64_t ld, int stride)
+      : ld_(ld), pieces_(width / kPiece), stride_bytes_(static_cast<uint32_t>(stride * sizeof(In))) {}
 
-  // Rows [row0, row0 + count) of `src` (n > row0 rows), features from f0, to the shared
+  // Rows [row0, row0 + kCount) of `src` (n > row0 rows), features from f0, to the shared
   // rows starting at address dst.
-  __device__ void load(uint32_t dst, const In* src, int n, int row0, int count, int f0) const {
-    // Rows that exist and whose piece holds features are copied, the rest zero-filled.
-    const int valid = f0 + feature_ < ld_ ? min(n - row0, count) : 0;
-    const In* from = src + static_cast<int64_t>(row0) * ld_ + f0 + from_offset_;
-    uint32_t to = dst + to_offset_;
-    int r = first_row_;
-    for (; r < valid; r += row_step_, from += from_step_, to += to_step_) {
-      ptx::cp_async_16(to, from, 16);
+  template <int kCount>
+  __device__ void load(uint32_t dst, const In* src, int n, int row0, int f0) const {
+    static_assert(kThreads % kCount == 0, "whole rows per thread group");
+    constexpr int kLanes = kThreads / kCount;
+    const int row = static_cast<int>(threadIdx.x) / kLanes, lane = static_cast<int>(threadIdx.x) % kLanes;
+    const bool exists = row0 + row < n;  // rows past the array's end are zero-filled (from row 0: a valid address)
+    const In* from = src + (exists ? static_cast<int64_t>(row0 + row) * ld_ : 0) + f0 + lane * kPiece;
+    uint32_t to = dst + row * stride_bytes_ + lane * 16;
+    const uint32_t bytes = exists ? 16 : 0;
+    // Pieces that hold features; in the chunked layout the last chunk may end before the width.
+    const int real = min(pieces_, static_cast<int>((ld_ - f0) / kPiece));
+    int k = lane;
+#pragma unroll 1
+    for (; k + (kUnroll - 1) * kLanes < real; k += kUnroll * kLanes) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) ptx::cp_async_16(to + u * kLanes * 16, from + u * kLanes * kPiece, bytes);
+      from += kUnroll * kLanes * kPiece;
+      to += kUnroll * kLanes * 16;
     }
-    for (; rare(r < count); r += row_step_, to += to_step_) {  // rows past the array's end
+    // The rest: when a thread's copies are not a multiple of kUnroll (fp16/bf16 rows of a D that
+    // is not a multiple of 64, float32 and float64 of 32), and pieces past the last feature.
+    for (; rare(k < real); k += kLanes, from += kLanes * kPiece, to += kLanes * 16) {
+      ptx::cp_async_16(to, from, bytes);
+    }
+    for (; rare(k < pieces_); k += kLanes, to += kLanes * 16) {
       ptx::cp_async_16(to, src, 0);
     }
   }
 
  private:
-  int64_t ld_, from_offset_, from_step_;
-  uint32_t to_offset_, to_step_;
-  int feature_, first_row_, row_step_;
+  int64_t ld_;
+  int pieces_;
+  uint32_t stride_bytes_;
 };
 
 // Copies the kCount records of kBytes (a multiple of 16) each that start at record row0 of
-// an array of n > row0 records, zeros past its end, to shared memory at dst.
-template <int kCount, int kBytes>
-__device__ inline void load_records(uint32_t dst, const void* src, int n, int row0, int threads) {
-  constexpr int kPieces = kBytes / 16;
-  const int valid = min(n - row0, kCount) * kPieces;
+// an array of n > row0 records, zeros past its end, to shared memory at dst: one 16-byte
+// piece per thread and round (for every tile of kernels.cuh, a single round).
+template <int kCount, int kBytes, int kThreads>
+__device__ inline void load_records(uint32_t dst, const void* src, int n, int row0) {
+  constexpr int kPieces = kCount * kBytes / 16;
+  const int valid = min(n - row0, kCount) * (kBytes / 16);
   const char* from = static_cast<const char*>(src) + static_cast<int64_t>(row0) * kBytes;
-  for (int k = threadIdx.x; k < kCount * kPieces; k += threads) {
-    ptx::cp_async_16(dst + 16 * k, k < valid ? from + 16 * k : from, k < valid ? 16 : 0);
+#pragma unroll
+  for (int round = 0; round < (kPieces + kThreads - 1) / kThreads; ++round) {
+    const int k = static_cast<int>(threadIdx.x) + round * kThreads;
+    if (kPieces % kThreads == 0 || k < kPieces) {
+      ptx::cp_async_16(dst + 16 * k, k < valid ? from + 16 * k : from, k < valid ? 16 : 0);
+    }
   }
 }
 
@@ -148,28 +166,28 @@ __device__ void stream_tiles(const Geometry<Tile, In>& geo, const Sides<In>& sid
   const int owned_stage = kOwned * stride, streamed_stage = kStreamed * stride;  // elements
   const int first_chunk = output_chunk + 1 < chunks ? output_chunk + 1 : 0;
   const int tiles = (sides.n_streamed + kStreamed - 1) / kStreamed;
-  const RowLoader<In> loader(geo.stage_features(), Tile::kThreads, geo.ld, stride);
+  const RowLoader<In, Tile::kThreads> loader(geo.stage_features(), geo.ld, stride);
 
   // Step (t, q): the q-th chunk of features of streamed tile t, into `stage`.
   auto chunk_at = [&](int q) { return first_chunk + q < chunks ? first_chunk + q : first_chunk + q - chunks; };
   auto issue = [&](int t, int q, int stage) {
     const int f0 = kResident ? 0 : chunk_at(q) * kChunk;
-    loader.load(streamed_area + stage * streamed_stage * sizeof(In), sides.streamed, sides.n_streamed,
-                t * kStreamed, kStreamed, f0);
+    loader.template load<kStreamed>(streamed_area + stage * streamed_stage * sizeof(In), sides.streamed,
+                                    sides.n_streamed, t * kStreamed, f0);
     if constexpr (!kResident) {
-      loader.load(owned_area + stage * owned_stage * sizeof(In), sides.owned, sides.n_owned, sides.owned0, kOwned,
-                  f0);
+      loader.template load<kOwned>(owned_area + stage * owned_stage * sizeof(In), sides.owned, sides.n_owned,
+                                   sides.owned0, f0);
     }
     if constexpr (kRecordBytes > 0) {
       if (q == 0) {
-        load_records<kStreamed, kRecordBytes>(records_area + (t & 1) * kStreamed * kRecordBytes, sides.params,
-                                              sides.n_streamed, t * kStreamed, Tile::kThreads);
+        load_records<kStreamed, kRecordBytes, Tile::kThreads>(records_area + (t & 1) * kStreamed * kRecordBytes,
+                                                              sides.params, sides.n_streamed, t * kStreamed);
       }
     }
   };
 
   if constexpr (kResident) {
-    loader.load(owned_area, sides.owned, sides.n_owned, sides.owned0, kOwned, 0);
+    loader.template load<kOwned>(owned_area, sides.owned, sides.n_owned, sides.owned0, 0);
   }
   if (tiles > 0) {
     issue(0, 0, 0);

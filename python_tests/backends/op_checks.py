@@ -82,8 +82,8 @@ def op_inputs(case: OpCase, device: str = "cpu", seed: int = 0):
 
 
 # Every kind of excluded table and dtype, at sizes that leave partial CTAs and partial
-# streamed tiles (the fp16/bf16 kernels own 64 rows and stream 64; fp32 64 and 32; fp64
-# 64 and 16), several CTAs and tiles, dims that need padding (19, 40), several gradient
+# streamed tiles (the fp16/bf16 kernels own 64 rows, the forward 128, and stream 64; fp32
+# 64 and 32; fp64 64 and 16), several CTAs and tiles, dims that need padding (19, 40), several gradient
 # chunks (130: 2 chunks of 128 features for fp16/bf16, 3 of 64 for fp32, 5 of 32 for fp64)
 # and dims whose rows fit shared memory only chunk by chunk on a GPU (600: 227 KiB hold
 # 576 fp16/bf16 features in the resident layout, far fewer float32/float64 ones).
@@ -101,6 +101,7 @@ OP_CASES = [
     OpCase(torch.float32, "cross", 20, 600),
     OpCase(torch.float64, "ntxent", 10, 600),
     OpCase(torch.float16, "queue", 3, 8, bank=1),
+    OpCase(torch.bfloat16, "ntxent", 100, 64),  # two forward CTAs of 128 anchors, whole copy rounds only
 ]
 
 Op = Callable[..., Tensors]  # (x, y, excluded, tau, grad_lse, need_dy) -> (lse, dx, dy)
@@ -108,11 +109,47 @@ Op = Callable[..., Tensors]  # (x, y, excluded, tau, grad_lse, need_dy) -> (lse,
 
 def assert_op_matches_float64(run: Op, case: OpCase, device: str = "cpu", tol: Optional[float] = None) -> None:
     """lse, dx and dy of `run` on the case's inputs against the float64 oracle, at MATH.md's tolerance."""
-    x, y, excluded, tau, grad_lse = op_inputs(case, device)
+    assert_op_matches_oracle(run, op_inputs(case, device), case.dtype, str(case), tol)
+
+
+def assert_op_matches_oracle(run: Op, inputs, dtype: torch.dtype, what: str, tol: Optional[float] = None) -> None:
+    """lse, dx and dy of `run` on (x, y, excluded, tau, grad_lse) against the float64 oracle."""
+    x, y, excluded, tau, grad_lse = inputs
     lse, dx, dy = run(x, y, excluded, tau, grad_lse, y is not None)
     expected = op_oracle(x, y, excluded, tau, grad_lse)
-    tol = TOLERANCE[case.dtype] if tol is None else tol
-    assert dx.dtype == case.dtype and (y is None or dy.dtype == case.dtype), "gradients in the input dtype"
+    tol = TOLERANCE[dtype] if tol is None else tol
+    assert dx.dtype == dtype and (y is None or dy.dtype == dtype), "gradients in the input dtype"
     for name, got, want in zip(("lse", "dx", "dy"), (lse, dx, dy), expected):
         if want is not None:
-            assert_rel_close(got, want, 1e-5 if name == "lse" else tol, f"{case} {name}")
+            assert_rel_close(got, want, 1e-5 if name == "lse" else tol, f"{what} {name}")
+
+
+# Inputs whose row sums the forward's fixed shift cannot hold (csrc/cuda/kernels.cuh, the Triton
+# forward): those rows take the running maximum. Cross layout, 140 anchors (forward CTAs of 128
+# rows for fp16/bf16, 64 for float32/float64).
+FIXED_SHIFT_CASES = (
+    "tiny tau",  # tau = 0.004: every term of every row underflows the fixed shift's range
+    "long rows",  # the first 64 anchors 40x longer than unit: their terms overflow, the last 12's do not
+    "negative tau",  # tau = -0.3: terms up to 2^9.6, inside the range, and the masked ones must still vanish
+)
+
+
+def fixed_shift_inputs(kind: str, dtype: torch.dtype, device: str = "cpu"):
+    """(x, y, excluded, tau, grad_lse) of one of FIXED_SHIFT_CASES."""
+    x, y, excluded, tau, grad_lse = op_inputs(OpCase(dtype, "cross", 140, 40), device, seed=3)
+    if kind == "tiny tau":
+        tau = torch.full_like(tau, 0.004)
+    elif kind == "long rows":
+        x = torch.cat([x[:64] * 40, x[64:]])
+    elif kind == "negative tau":
+        tau = torch.full_like(tau, -0.3)
+    else:
+        raise ValueError(f"fixed_shift_inputs: unknown kind {kind!r}")
+    return x, y, excluded, tau, grad_lse
+
+
+def fixed_shift_tolerance(kind: str, dtype: torch.dtype) -> Optional[float]:
+    """The gradients' tolerance for a FIXED_SHIFT_CASES case (None: MATH.md's for the dtype). With
+    logits in the hundreds (tau = 0.004, or rows 40x too long) a float32 score's rounding (~1e-7) is
+    that much larger in its logit and its weight."""
+    return 5e-5 if kind != "negative tau" and dtype == torch.float32 else None

@@ -22,7 +22,17 @@ from macl_kernels.testing import (
     loss_and_grads,
     make_views,
 )
-from python_tests.backends.op_checks import OP_CASES, OpCase, assert_op_matches_float64, op_inputs, op_oracle
+from python_tests.backends.op_checks import (
+    FIXED_SHIFT_CASES,
+    OP_CASES,
+    OpCase,
+    assert_op_matches_float64,
+    assert_op_matches_oracle,
+    fixed_shift_inputs,
+    fixed_shift_tolerance,
+    op_inputs,
+    op_oracle,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -48,6 +58,13 @@ def test_built_with_cuda_kernels_and_available():
 @pytest.mark.parametrize("case", OP_CASES, ids=str)
 def test_op_matches_float64(case):
     assert_op_matches_float64(cuda_op, case, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", FIXED_SHIFT_CASES)
+def test_rows_the_fixed_shift_cannot_hold(kind, dtype):
+    inputs = fixed_shift_inputs(kind, dtype, "cuda")
+    assert_op_matches_oracle(cuda_op, inputs, dtype, kind, fixed_shift_tolerance(kind, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)

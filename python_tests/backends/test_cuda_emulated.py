@@ -12,7 +12,16 @@ import torch
 
 from macl_kernels.testing import assert_rel_close
 from python_tests.backends import cuda_emulation
-from python_tests.backends.op_checks import OP_CASES, OpCase, assert_op_matches_float64, op_inputs
+from python_tests.backends.op_checks import (
+    FIXED_SHIFT_CASES,
+    OP_CASES,
+    OpCase,
+    assert_op_matches_float64,
+    assert_op_matches_oracle,
+    fixed_shift_inputs,
+    fixed_shift_tolerance,
+    op_inputs,
+)
 
 pytestmark = pytest.mark.slow  # a ~30 s build on first use, then seconds per case
 
@@ -35,6 +44,15 @@ def emulated(shared_limit=UNLIMITED, immediate_copies=False):
 @pytest.mark.parametrize("case", OP_CASES, ids=str)
 def test_matches_float64(case):
     assert_op_matches_float64(emulated(), case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", FIXED_SHIFT_CASES)
+def test_rows_the_fixed_shift_cannot_hold(kind, dtype):
+    # The forward's CTAs whose row sums leave the fixed shift's range redo their rows with the
+    # running maximum; the others keep theirs.
+    inputs = fixed_shift_inputs(kind, dtype)
+    assert_op_matches_oracle(emulated(), inputs, dtype, kind, fixed_shift_tolerance(kind, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)

@@ -53,6 +53,7 @@ constexpr int kWarp = 32;
 struct Barrier {
   int expected = 0, arrived = 0;
   unsigned generation = 0;
+  int reduced = 0, result = 0;  // the OR of the arrivals' predicates (__syncthreads_or), then of the last round
 };
 
 struct Copy {
@@ -92,17 +93,23 @@ inline int warp() { return static_cast<int>(fiber().thread.x) / kWarp; }
 
 inline void yield() { swapcontext(&fiber().context, &cta->scheduler); }
 
-inline void arrive_and_wait(Barrier& b) {
+// Waits for every thread of the barrier; returns the OR of their predicates. (A round's
+// result stays in place until the next round completes, which needs this thread too.)
+inline int arrive_and_wait(Barrier& b, int predicate = 0) {
   ++cta->progress;
   const unsigned generation = b.generation;
+  b.reduced |= predicate != 0;
   if (++b.arrived == b.expected) {
     b.arrived = 0;
+    b.result = b.reduced;
+    b.reduced = 0;
     ++b.generation;
-    return;
+    return b.result;
   }
   while (b.generation == generation) {
     yield();
   }
+  return b.result;
 }
 
 inline void warp_sync() { arrive_and_wait(cta->warp_barriers[warp()]); }
@@ -203,6 +210,8 @@ inline void run_cta(const std::function<void()>& body, dim3 block, dim3 dim, boo
 #define blockDim (::emu::cta->dim)
 
 inline void __syncthreads() { emu::arrive_and_wait(emu::cta->cta_barrier); }
+
+inline int __syncthreads_or(int predicate) { return emu::arrive_and_wait(emu::cta->cta_barrier, predicate); }
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int mask) {
@@ -366,7 +375,8 @@ struct EmulatedRunner {
   int shared_limit;
   bool immediate_copies;
 
-  int max_shared() const { return shared_limit; }
+  // (At most the emulator's own buffer: a GPU has less, 227 KiB on sm_90.)
+  int max_shared() const { return std::min(shared_limit, static_cast<int>(kSharedBytes)); }
 
   template <typename... Params, typename... Args>
   cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, size_t shared_bytes, Args... args) const {
