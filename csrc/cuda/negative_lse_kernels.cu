@@ -32,7 +32,8 @@
 //   fp16/bf16 (MmaTile)  64 owned x 64 streamed rows, 4 warps of 16 owned rows: 2 rows x
 //                        16 columns = 32 score elements per thread. Scores: D / 16 steps
 //                        of 5 ldmatrix.x4 and 8 HMMA.16816; the gradient passes add 32
-//                        ldmatrix.x4.trans and 64 HMMA (128 gradient features).
+//                        ldmatrix.x4.trans and 64 HMMA (128 gradient features), and the
+//                        fp16 column pass 64 FFMA (its tile's scale, lse_math.h).
 //   float32 (SimtTile)   64 x 32, one owned row per thread: 32 elements per thread.
 //   float64 (SimtTile)   64 x 16: 16 elements per thread.
 // Nested in it: the k loop of add_scores (D / 32 iterations for fp16/bf16), the cp.async
