@@ -118,8 +118,18 @@ C10_HOST_DEVICE inline T weight_shift(T lse) {
 //   row view    (dx = E y, each output row one anchor):  factor 1,               after coef[r]
 //   column view (dy = E^T x, a sum over the anchors):    factor coef[r] / scale, after scale
 //
-// with one scale for the whole problem: max_r |coef[r]| (column_view_scale). These are the
-// rules of the Triton kernels too (macl_kernels/backends/triton/backward.py).
+// The column view's products sum over anchors, so its `after` is shared by the anchors
+// of one product: scale = max |coef| over a group of anchors (column_view_scale). For fp16
+// operands a group is one streamed tile of kColumnScaleRows consecutive anchors (the
+// CUDA column pass multiplies each tile's product by its scale in fp32 before adding it):
+// with one scale for the whole problem, one anchor with a large upstream gradient (a
+// per-sample weight, MACL's reweighting) would shrink every other anchor's factor until
+// p * factor fell below fp16's subnormals, at a ratio that falls as M grows (issue 11).
+// Now only the anchors of the same tile share a scale, whatever M. bf16 has float32's
+// exponent range, so its factors cannot underflow that way: one group for the whole
+// problem keeps its products scale-free (column_scale_rows). These are the rules of the
+// Triton kernels too (macl_kernels/backends/triton/backward.py, which mirrors this
+// comment with its own tile of anchors).
 template <typename T>
 struct OperandFactors {
   T factor;  // multiplies p before the rounding; |factor| <= 1
@@ -136,10 +146,21 @@ C10_HOST_DEVICE inline OperandFactors<T> column_view_factors(T coef, T scale) {
   return {coef / scale, scale};
 }
 
-// The column view's scale from max_r |coef[r]|; 1 when every coef is 0 (no gradient).
+// A group's column-view scale from max |coef| over its anchors; 1 when every coef of the
+// group is 0 (no gradient).
 template <typename T>
 C10_HOST_DEVICE inline T column_view_scale(T max_abs_coef) {
   return max_abs_coef > T(0) ? max_abs_coef : T(1);
+}
+
+// Anchors per streamed tile of the CUDA column pass for fp16 (MmaTile::kStreamed, checked
+// there): the anchors [g k, (g + 1) k) of group g share a column-view scale.
+constexpr int64_t kColumnScaleRows = 64;
+
+// Anchors per group of the column view's scale, of `rows` anchors whose weights are
+// rounded to fp16 (`fp16_operands`) or not: groups of kColumnScaleRows, or one group.
+C10_HOST_DEVICE inline int64_t column_scale_rows(bool fp16_operands, int64_t rows) {
+  return fp16_operands ? kColumnScaleRows : (rows > 0 ? rows : 1);
 }
 
 // The operand of one weight: p * factor rounded to the nearest Operand (c10::Half,

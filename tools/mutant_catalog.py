@@ -348,6 +348,19 @@ MUTANTS = [
         "fp16 column-view weights rounded as E = coef * p (issue 11: below fp16's subnormals at large N)",
         rebuild=("cpu",),
     ),
+    Mutant(
+        "fp16-column-scale-whole-problem",
+        "csrc/lse_math.h",
+        "return fp16_operands ? kColumnScaleRows : (rows > 0 ? rows : 1);",
+        "return rows > 0 ? rows : 1;",
+        (
+            f"{T_CPP}::test_fp16_column_weights_do_not_underflow_next_to_large_upstream_gradients",
+            f"{T_EMULATED}::test_fp16_column_weights_do_not_underflow_next_to_a_large_upstream_gradient",
+        ),
+        "fp16 column-view weights scaled by one max |coef| for the whole problem, not per tile of 64 anchors: one "
+        "large upstream gradient pushes every other anchor's weight below fp16's subnormals (issue 11)",
+        rebuild=("cpu", "emulator"),
+    ),
     # ---- the CUDA kernels (csrc/cuda), run by the CPU emulator of python_tests/backends/cuda_emulation ----
     Mutant(
         "cuda-column-pass-overwrites-dx",

@@ -287,20 +287,27 @@ struct Views {
     const T* g = grad_lse.const_data_ptr<T>();
     const T* l = lse.const_data_ptr<T>();
     std::vector<T> coef(p.rows());
-    T max_abs_coef = 0;
     for (int64_t r = 0; r < p.rows(); ++r) {
       shift[r] = weight_shift(l[r]);
       coef[r] = g[r] * p.inv_tau;  // dL/dlse / tau (MATH.md section 4)
-      max_abs_coef = std::max(max_abs_coef, std::abs(coef[r]));
-    }
-    const T scale = column_view_scale(max_abs_coef);
-    for (int64_t r = 0; r < p.rows(); ++r) {
       const OperandFactors<T> as_row = row_view_factors(coef[r]);
-      const OperandFactors<T> as_column = column_view_factors(coef[r], scale);
       row_factor[r] = as_row.factor;
       row_after[r] = as_row.after;
-      column_factor[r] = as_column.factor;
-      column_after[r] = as_column.after;
+    }
+    // The column view's scale per group of anchors, as the CUDA column pass has it.
+    const int64_t group = column_scale_rows(p.rounding == Rounding::kHalf, p.rows());
+    for (int64_t first = 0; first < p.rows(); first += group) {
+      const int64_t last = std::min(first + group, p.rows());
+      T max_abs_coef = 0;
+      for (int64_t r = first; r < last; ++r) {
+        max_abs_coef = std::max(max_abs_coef, std::abs(coef[r]));
+      }
+      const T scale = column_view_scale(max_abs_coef);
+      for (int64_t r = first; r < last; ++r) {
+        const OperandFactors<T> as_column = column_view_factors(coef[r], scale);
+        column_factor[r] = as_column.factor;
+        column_after[r] = as_column.after;
+      }
     }
   }
 

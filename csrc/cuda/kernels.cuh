@@ -67,7 +67,7 @@ __device__ inline double exp2_of(double x) { return exp2(x); }
 template <typename Acc>
 struct alignas(16) ColumnParams {
   Acc shift2;  // weight_shift(lse) * log2(e)
-  Acc factor;  // column_view_factors(grad_lse / tau, scale).factor
+  Acc factor;  // column_view_factors(grad_lse / tau, its group's scale).factor
   int32_t excluded[2];
 };
 
@@ -79,7 +79,8 @@ struct Params {
   const Acc* tau;
   const Acc* grad_lse;      // backward
   const Acc* lse;           // backward
-  const Acc* max_abs_coef;  // backward
+  const Acc* max_abs_coef;  // backward: per group of anchors sharing a column-view scale (launch.h)
+  int64_t group_rows;       // backward: anchors per such group (column_scale_rows)
   const ColumnParams<Acc>* column_params;  // column pass
   Acc* out;                 // lse, dx, or dy (dx when accumulate)
   bool accumulate;          // column pass into dx: out += instead of out =
@@ -303,11 +304,12 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 
 // ---- backward ----
 
-// The setup of the column pass: one record per anchor (one thread each).
+// The setup of the column pass: one record per anchor (one thread each); anchor r's
+// column-view scale is its group's, max_abs_coef[r / group_rows].
 template <typename Acc>
 __global__ void negative_lse_column_params(const int32_t* excluded, const Acc* tau, const Acc* grad_lse,
-                                           const Acc* lse, const Acc* max_abs_coef, int64_t rows,
-                                           ColumnParams<Acc>* out) {
+                                           const Acc* lse, const Acc* max_abs_coef, int64_t group_rows,
+                                           int64_t rows, ColumnParams<Acc>* out) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= rows) {
     return;
@@ -315,7 +317,7 @@ __global__ void negative_lse_column_params(const int32_t* excluded, const Acc* t
   const Acc coef = grad_lse[r] * (Acc(1) / *tau);  // dL/dlse / tau
   ColumnParams<Acc> record;
   record.shift2 = weight_shift(lse[r]) * Acc(kLog2e);
-  record.factor = column_view_factors(coef, column_view_scale(*max_abs_coef)).factor;
+  record.factor = column_view_factors(coef, column_view_scale(max_abs_coef[r / group_rows])).factor;
   record.excluded[0] = excluded[2 * r];
   record.excluded[1] = excluded[2 * r + 1];
   out[r] = record;
@@ -396,14 +398,21 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
       product.add(tile, rows, geo.stride());
     });
   } else {
-    const Acc scale = column_view_scale(*p.max_abs_coef);  // the column view's `after`
+    // The column view's `after` (lse_math.h): for fp16 each streamed tile's own scale, applied
+    // to the tile's product as it is added; otherwise one scale for all, applied at the end.
+    constexpr bool kTileScales = std::is_same_v<In, __half>;
+    static_assert(!kTileScales || Tile::kStreamed == kColumnScaleRows, "a tile of anchors is a scale group");
+    const Acc scale = kTileScales ? Acc(1) : column_view_scale(*p.max_abs_coef);
 #pragma unroll
     for (int i = 0; i < Tile::kRows; ++i) after[i] = scale;
     const Sides<In> sides{p.y, static_cast<int>(p.cols), static_cast<int>(owned0), p.x, static_cast<int>(p.rows),
                           p.column_params};
     const int first = static_cast<int>(owned0);
     constexpr int kRecordBytes = sizeof(ColumnParams<Acc>);
-    for_each_tile<kRecordBytes>(geo, sides, output_chunk, tile, smem, [&](int, const In* rows, const void* records) {
+    for_each_tile<kRecordBytes>(geo, sides, output_chunk, tile, smem, [&](int t, const In* rows, const void* records) {
+      // (A group is one tile, or every anchor: tile t lies in one group.)
+      const Acc tile_scale =
+          kTileScales ? column_view_scale(p.max_abs_coef[int64_t{t} * Tile::kStreamed / p.group_rows]) : Acc(1);
       const ColumnParams<Acc>* anchors = static_cast<const ColumnParams<Acc>*>(records);
       set_weights<Operand>(
           tile, scale2, [&](int, int j) { return anchors[Tile::col(j)].shift2; },
@@ -422,7 +431,11 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
           return is_excluded(owned0 + Tile::row(i), e[0], e[1]);
         });
       }
-      product.add(tile, rows, geo.stride());
+      if constexpr (kTileScales) {
+        product.add_scaled(tile, rows, geo.stride(), tile_scale);
+      } else {
+        product.add(tile, rows, geo.stride());
+      }
     });
   }
 

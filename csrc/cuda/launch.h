@@ -35,7 +35,9 @@ cudaError_t launch_negative_lse(InputType type, const LseArgs& args, void* lse, 
 struct BackwardArgs {
   const void* grad_lse;      // rows values
   const void* lse;           // rows values
-  const void* max_abs_coef;  // one value: max_r |grad_lse[r] / tau| (lse_math.h's column view)
+  // max |grad_lse[r] / tau| over each group of column_scale_rows(type is fp16, rows)
+  // anchors (lse_math.h's column view): one value per group
+  const void* max_abs_coef;
   void* workspace;
 };
 

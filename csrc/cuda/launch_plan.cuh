@@ -83,8 +83,9 @@ cudaError_t run_backward(Runner& runner, const LseArgs& args, const BackwardArgs
     return status;
   }
   auto* records = static_cast<ColumnParams<Acc>*>(b.workspace);
+  p.group_rows = column_scale_rows(std::is_same_v<In, __half>, p.rows);  // (as op_host.h's groups)
   status = runner.launch(negative_lse_column_params<Acc>, dim3(blocks(p.rows, 256)), 256, 0, p.excluded, p.tau,
-                         p.grad_lse, p.lse, p.max_abs_coef, p.rows, records);
+                         p.grad_lse, p.lse, p.max_abs_coef, p.group_rows, p.rows, records);
   if (status != cudaSuccess) {
     return status;
   }

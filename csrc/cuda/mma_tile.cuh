@@ -110,6 +110,15 @@ struct MmaTile {
     operand[i][j / 2] = weight_operand_pair<Operand>(p0, f0, p1, f1);
   }
 
+  // The A fragment of the gradient product for streamed columns [16 kk, 16 kk + 16): the
+  // operands of both rows, as mma.m16n8k16 takes them.
+  __device__ void a_fragment(int kk, uint32_t (&fa)[4]) const {
+    fa[0] = operand[0][2 * kk];
+    fa[1] = operand[1][2 * kk];
+    fa[2] = operand[0][2 * kk + 1];
+    fa[3] = operand[1][2 * kk + 1];
+  }
+
   // Entry (i, j) as a zero operand.
   __device__ void clear_operand(int i, int j) { operand[i][j / 2] &= j % 2 == 0 ? 0xffff0000u : 0x0000ffffu; }
 
@@ -136,13 +145,11 @@ struct MmaTile {
     // allocation has kSlackBytes past its end for them).
     __device__ void add(const MmaTile& w, const In* b, int ldb) {
       static_assert(kRowBlocks == 1, "the gradient product takes one row block per warp");
-      const int l = lane();
-      // ldmatrix.trans rows: B's 16 x 16 block as (rows 0-15) x (features 0-7, 8-15).
-      const uint32_t b_rows = ptx::shared_address(b + (l % 16) * ldb + (l / 16) * 8);
+      const uint32_t b_rows = b_address(b, ldb);
 #pragma unroll
       for (int kk = 0; kk < kStreamed / 16; ++kk) {
-        const uint32_t fa[4] = {w.operand[0][2 * kk], w.operand[1][2 * kk], w.operand[0][2 * kk + 1],
-                                w.operand[1][2 * kk + 1]};
+        uint32_t fa[4];
+        w.a_fragment(kk, fa);
         const uint32_t rows = b_rows + 16 * kk * ldb * sizeof(In);
 #pragma unroll
         for (int pair = 0; pair < kBlocks / 2; ++pair) {
@@ -152,6 +159,43 @@ struct MmaTile {
           ptx::mma_m16n8k16<In>(o[2 * pair + 1], fa, fb[2], fb[3]);
         }
       }
+    }
+
+    // o += scale * (W B), as add otherwise: the tile's product for 16 features at a time
+    // in fresh fp32 accumulators (8 registers), multiplied by scale and added to o
+    // (lse_math.h's column view for fp16: each tile of anchors has its own scale).
+    __device__ void add_scaled(const MmaTile& w, const In* b, int ldb, float scale) {
+      static_assert(kRowBlocks == 1, "the gradient product takes one row block per warp");
+      const uint32_t b_rows = b_address(b, ldb);
+#pragma unroll
+      for (int pair = 0; pair < kBlocks / 2; ++pair) {
+        float part[2][4];
+#pragma unroll
+        for (int kk = 0; kk < kStreamed / 16; ++kk) {
+          uint32_t fa[4], fb[4];
+          w.a_fragment(kk, fa);
+          ptx::ldmatrix_x4_trans(fb, b_rows + (16 * kk * ldb + 16 * pair) * sizeof(In));
+          if (kk == 0) {
+            ptx::mma_m16n8k16_first<In>(part[0], fa, fb[0], fb[1]);
+            ptx::mma_m16n8k16_first<In>(part[1], fa, fb[2], fb[3]);
+          } else {
+            ptx::mma_m16n8k16<In>(part[0], fa, fb[0], fb[1]);
+            ptx::mma_m16n8k16<In>(part[1], fa, fb[2], fb[3]);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          o[2 * pair][e] = fmaf(scale, part[0][e], o[2 * pair][e]);
+          o[2 * pair + 1][e] = fmaf(scale, part[1][e], o[2 * pair + 1][e]);
+        }
+      }
+    }
+
+   private:
+    // ldmatrix.trans rows: B's 16 x 16 block as (rows 0-15) x (features 0-7, 8-15).
+    __device__ static uint32_t b_address(const In* b, int ldb) {
+      const int l = lane();
+      return ptx::shared_address(b + (l % 16) * ldb + (l / 16) * 8);
     }
   };
 };

@@ -34,7 +34,8 @@
 //   fp16/bf16 (MmaTile)  gradient passes: 64 owned x 64 streamed rows, 4 warps of 16 owned
 //                        rows: 2 rows x 16 columns = 32 score elements per thread. Scores:
 //                        D / 16 steps of 5 ldmatrix.x4 and 8 HMMA.16816; the product adds
-//                        32 ldmatrix.x4.trans and 64 HMMA (128 gradient features).
+//                        32 ldmatrix.x4.trans and 64 HMMA (128 gradient features), and the
+//                        fp16 column pass 64 FFMA (its tile's scale, lse_math.h).
 //                        Forward: 128 x 64, 4 warps of 2 x 16 owned rows: 64 elements per
 //                        thread; D / 16 steps of 6 ldmatrix.x4 and 16 HMMA.
 //   float32 (SimtTile)   64 x 32, one owned row per thread: 32 elements per thread.

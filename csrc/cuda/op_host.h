@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
@@ -13,6 +14,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../lse_math.h"
 #include "launch.h"
 
 namespace macl::cuda {
@@ -97,8 +99,13 @@ std::tuple<at::Tensor, at::Tensor> negative_lse_backward_with(const Inputs& in, 
   at::Tensor dy = (has_y && need_dy) ? empty({in.args.cols, in.args.dim}, options) : at::Tensor();
   void* columns_out = has_y ? (dy.defined() ? dy.data_ptr() : nullptr) : dx.data_ptr();
   if (in.args.rows > 0) {
-    // On the device, without a synchronization: the column view's scale (lse_math.h).
-    const at::Tensor max_abs_coef = g.mul(in.tau.reciprocal()).abs().amax();
+    // On the device, without a synchronization: max |coef| per group of anchors that share
+    // a column-view scale (lse_math.h), zeros past the last anchor.
+    const int64_t group = column_scale_rows(in.type == InputType::kFloat16, in.args.rows);
+    const int64_t groups = (in.args.rows + group - 1) / group;
+    const at::Tensor abs_coef = g.mul(in.tau.reciprocal()).abs();
+    const at::Tensor max_abs_coef =
+        at::constant_pad_nd(abs_coef, {0, groups * group - in.args.rows}).view({groups, group}).amax(1);
     const at::Tensor workspace =
         at::empty({static_cast<int64_t>(backward_workspace_bytes(in.type, in.args.rows))}, options.dtype(at::kByte));
     const BackwardArgs b{g.const_data_ptr(), l.const_data_ptr(), max_abs_coef.const_data_ptr(),

@@ -19,7 +19,14 @@ All of the O(M*C) work of the loss is one operation (MATH.md sections 3-4):
 
 Its gradient, for an upstream ``h = dL/dlse``: ``E[r, c] = (h[r] / tau) *
 exp(x[r].y[c] / tau - lse[r])`` on negative columns, 0 elsewhere; ``dx = E y``,
-``dy = E^T x``, returned in the input dtype. The tiles are recomputed in the
+``dy = E^T x``, returned in the input dtype. For fp16/bf16 inputs the fused
+kernels multiply E with the other side's rows on tensor cores, in the input type,
+so they round scaled weights, never E itself (whose entries fall below fp16's
+subnormals at large M): ``p = exp(...) <= 1`` for ``dx``, with ``h[r] / tau``
+applied after the product; ``p * coef[r] / scale`` for ``dy``, where in fp16 each
+tile of anchors has its own ``scale`` (its largest ``|h / tau|``, applied after the
+tile's product), so that one large ``h[r]`` cannot push the other anchors' weights
+to 0 (csrc/lse_math.h, issue 11). The tiles are recomputed in the
 backward, never saved: the saved state is ``lse`` (O(M)), and for the Triton
 backend's candidates path (``y`` given) also ``P y`` (M x D, accumulation dtype)
 when ``dx`` will be needed, so that ``dx = (h / tau) P y`` costs no pass over S

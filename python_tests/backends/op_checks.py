@@ -104,6 +104,33 @@ OP_CASES = [
     OpCase(torch.bfloat16, "ntxent", 100, 64),  # two forward CTAs of 128 anchors, whole copy rounds only
 ]
 
+
+def outlier_inputs(n: int, d: int, tile_rows: int, outlier: float, device: str = "cpu"):
+    """(x, y, excluded, tau, grad_lse) of a small fp16 cross-layout case where anchor 5's upstream
+    gradient is `outlier` times the others' (issue 11's column-view underflow, at a size an
+    emulator or interpreter runs).
+
+    n anchors near one direction, n + 13 candidates likewise, tau = 0.1; anchor 5 and candidate 3
+    point the other way, so the outlier's softmax sits on candidate 3 and every other column's
+    dy comes from the other anchors. Anchor 5's tile-mates (the first `tile_rows` anchors, the
+    kernel's tile of anchors that shares a scale) get no upstream gradient: at this size they
+    would be a large share of all anchors. With one scale for all anchors, the others' weights
+    p * coef / scale (~1 / (n outlier)) fall below fp16's subnormals.
+    """
+    g = torch.Generator().manual_seed(21)
+    center = torch.randn(d, generator=g, dtype=torch.float64)
+    x = torch.nn.functional.normalize(center + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(center + 0.3 * torch.randn(n + 13, d, generator=g, dtype=torch.float64), dim=1)
+    x[5] = y[3] = -torch.nn.functional.normalize(center, dim=0)
+    tau = torch.tensor(0.1)
+    grad_lse = torch.full((n,), 1e-3)  # coef = grad_lse / tau = 1e-2: every gradient in fp16's normal range
+    grad_lse[:tile_rows] = 0.0
+    grad_lse[5] = 1e-3 * outlier
+    excluded = layout_exclusions("cross", n, torch.device(device))
+    half = lambda t: t.to(device, torch.float16)  # noqa: E731
+    return half(x), half(y), excluded, tau.to(device), grad_lse.to(device)
+
+
 Op = Callable[..., Tensors]  # (x, y, excluded, tau, grad_lse, need_dy) -> (lse, dx, dy)
 
 

@@ -215,6 +215,38 @@ def clustered_rows(n: int, d: int, spread: float, generator: torch.Generator) ->
     return torch.nn.functional.normalize(center + spread * torch.randn(n, d, generator=generator, dtype=torch.float64))
 
 
+def fp16_cross_at_32k(seed: int):
+    """(x, y, excluded, generator): N = 32768 fp16 anchors and candidates near one direction, cross layout.
+
+    Near-uniform probabilities (p ~ 1 / N) keep the gradients themselves in fp16's normal range.
+    """
+    n, d = 32768, 8
+    g = torch.Generator().manual_seed(seed)
+    common = clustered_rows(2 * n, d, 0.3, g)
+    return common[:n].half(), common[n:].half(), layout_exclusions("cross", n, CPU), g
+
+
+def sampled_oracle(x, y, lse, grad_lse, tau: float, g: torch.Generator, sample: int = 256, also=()):
+    """The cross layout's float64 dx on sampled anchors (and `also`), dy on sampled candidates.
+
+    Returns (rows, expected dx[rows], p[rows, :]), (cols, expected dy[cols], p[:, cols]), coef.
+    """
+    n = x.shape[0]
+    x64, y64, coef = x.double(), y.double(), grad_lse.double() / tau
+    rows = torch.cat([torch.randperm(n, generator=g)[:sample], torch.tensor(also, dtype=torch.long)])
+    logits = (x64[rows] @ y64.T) / tau
+    logits[torch.arange(rows.numel()), rows] = float("-inf")  # cross: the positive is not a negative
+    p_rows = torch.softmax(logits, dim=1)
+    assert_rel_close(lse[rows], torch.logsumexp(logits, dim=1), 1e-6, "lse")
+    expected_dx = coef[rows, None] * (p_rows @ y64)
+    cols = torch.randperm(n, generator=g)[:sample]
+    logits_t = (x64 @ y64[cols].T) / tau - lse.double()[:, None]
+    logits_t[cols, torch.arange(sample)] = float("-inf")
+    p_cols = logits_t.exp()  # p[r, c] for every anchor r and the sampled candidates c
+    expected_dy = (coef[:, None] * p_cols).T @ x64
+    return (rows, expected_dx, p_rows), (cols, expected_dy, p_cols), coef
+
+
 def test_fp16_weights_do_not_underflow_at_32k():
     # Issue 11: a backward weight E = coef * p, with coef = dL/dlse / tau = 1 / (N tau) for a
     # mean over N = 32768 anchors at tau = 0.1 (3e-4) and p ~ 1 / N (3e-5), is ~1e-8: below
@@ -222,34 +254,55 @@ def test_fp16_weights_do_not_underflow_at_32k():
     # product (the old CUDA rule, emulated below) makes nearly every weight 0. The kernels
     # round p (<= 1) times a factor <= 1 instead and apply the rest of coef in float32
     # (csrc/lse_math.h); the CPU kernel rounds the same way, so this guards the rule.
-    # Candidates near one direction keep the gradient itself in fp16's normal range.
-    n, d, sample = 32768, 8, 256
-    g = torch.Generator().manual_seed(13)
-    common = clustered_rows(2 * n, d, 0.3, g)
-    x, y = common[:n].half(), common[n:].half()
-    excluded = layout_exclusions("cross", n, CPU)
+    x, y, excluded, g = fp16_cross_at_32k(13)
+    n = x.shape[0]
     tau = torch.tensor(0.1)
     grad_lse = torch.full((n,), 1.0 / n)
     lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
     dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, True)
-
-    # float64 oracle on a sample of anchors (dx rows) and candidates (dy rows).
-    x64, y64, coef = x.double(), y.double(), grad_lse.double() / 0.1
-    rows = torch.randperm(n, generator=g)[:sample]
-    logits = (x64[rows] @ y64.T) / 0.1
-    logits[torch.arange(sample), rows] = float("-inf")  # cross: the positive is not a negative
-    p_rows = torch.softmax(logits, dim=1)
-    assert_rel_close(lse[rows], torch.logsumexp(logits, dim=1), 1e-6, "lse")
-    expected_dx = coef[rows, None] * (p_rows @ y64)
+    (rows, expected_dx, p_rows), (cols, expected_dy, p_cols), coef = sampled_oracle(x, y, lse, grad_lse, 0.1, g)
     assert_rel_close(dx[rows], expected_dx, 1e-2, "dx")
-    cols = torch.randperm(n, generator=g)[:sample]
-    logits_t = (x64 @ y64[cols].T) / 0.1 - lse.double()[:, None]
-    logits_t[cols, torch.arange(sample)] = float("-inf")
-    p_cols = logits_t.exp()  # p[r, c] for every anchor r and the sampled candidates c
-    expected_dy = (coef[:, None] * p_cols).T @ x64
     assert_rel_close(dy[cols], expected_dy, 1e-2, "dy")
 
     # The old rule on the same values: the negatives' gradient is gone.
+    x64, y64 = x.double(), y.double()
     old_dx = (coef[rows, None] * p_rows).half().double() @ y64
     old_dy = (coef[:, None] * p_cols).half().double().T @ x64
     assert relative_error(old_dx, expected_dx) > 0.5 and relative_error(old_dy, expected_dy) > 0.5
+
+
+def test_fp16_column_weights_do_not_underflow_next_to_large_upstream_gradients():
+    # Issue 11 again, through the column view (dy = E^T x, a sum over anchors): its weights are
+    # rounded as p * coef[r] / scale with the scale multiplied back in float32. With one scale
+    # for all anchors, max |coef|, one anchor whose upstream gradient is 1e3 or 1e5 times the
+    # others' (per-sample weights, MACL's reweighting) makes every other p * coef / scale
+    # ~1 / (N outlier): below fp16's subnormals, at a ratio that falls as N grows (here dy's
+    # error is over 0.2 with either outlier, checked below). Each tile of 64 anchors has its
+    # own scale now (csrc/lse_math.h), the CUDA kernels' rule that the CPU kernel rounds the
+    # same way: only the outlier's own tile shares its scale. One run holds both outliers,
+    # in different tiles.
+    x, y, excluded, g = fp16_cross_at_32k(17)
+    n = x.shape[0]
+    tau = torch.tensor(0.1)
+    grad_lse = torch.full((n,), 1.0 / n)
+    outliers = {n // 3: 1e5, 2 * n // 3: 1e3}
+    for row, factor in outliers.items():
+        grad_lse[row] *= factor
+    lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
+    dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, True)
+    (rows, expected_dx, _), (cols, expected_dy, p_cols), coef = sampled_oracle(
+        x, y, lse, grad_lse, 0.1, g, also=list(outliers)
+    )
+    assert_rel_close(dx[rows], expected_dx, 1e-2, "dx")  # the row view: each row its own coef
+    assert_rel_close(dy[cols], expected_dy, 1e-2, "dy")
+
+    # One scale for the whole problem, on the same values (and on the 1e3 outlier alone):
+    # the other anchors' share of dy is gone.
+    def whole_problem_scale_error(coef):
+        scale = coef.abs().max()
+        old_dy = ((coef / scale)[:, None] * p_cols).half().double().T @ x.double() * scale
+        return relative_error(old_dy, (coef[:, None] * p_cols).T @ x.double())
+
+    only_1e3 = coef.clone()
+    only_1e3[n // 3] = only_1e3[0]
+    assert whole_problem_scale_error(coef) > 0.2 and whole_problem_scale_error(only_1e3) > 0.2

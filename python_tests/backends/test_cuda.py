@@ -196,6 +196,30 @@ def test_large_batch_weights_do_not_underflow(dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_large_batch_column_weights_do_not_underflow_next_to_large_upstream_gradients(dtype):
+    # Issue 11 through the column pass (dy = E^T x): one anchor's upstream gradient 1e5 times the
+    # others', another's 1e3 times, in different tiles. In fp16 each tile of 64 anchors has its own
+    # scale (csrc/lse_math.h), so the other anchors' weights p * coef / scale stay above fp16's
+    # subnormals; the CPU twin is test_cpp.py::test_fp16_column_weights_do_not_underflow_next_to_large_
+    # upstream_gradients, the emulated one test_cuda_emulated.py's.
+    n, d = 32768, 128
+    g = torch.Generator().manual_seed(8)
+    center = torch.randn(d, generator=g, dtype=torch.float64)
+    rows = torch.nn.functional.normalize(center + 0.3 * torch.randn(2 * n, d, generator=g, dtype=torch.float64))
+    x, y = rows[:n].to("cuda", dtype), rows[n:].to("cuda", dtype)
+    excluded = layout_exclusions("cross", n, x.device)
+    tau = torch.tensor(0.1, device="cuda")
+    grad_lse = torch.full((n,), 1.0 / n, device="cuda")
+    grad_lse[n // 3] *= 1e5
+    grad_lse[2 * n // 3] *= 1e3
+    lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
+    dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, True)
+    oracle = op_oracle(x, y, excluded, tau, grad_lse)
+    assert_rel_close(dx, oracle[1], 1e-2, "dx")
+    assert_rel_close(dy, oracle[2], 1e-2, "dy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_loss_at_32k_pairs_matches_float64(dtype):
     # The whole loss at N = 32768 (ntxent), against the torch backend in float64 on the GPU.
     z0, z1, _ = views(32768, 128, dtype, seed=7)

@@ -14,6 +14,17 @@ bitwise-reproducible.
   ``dx = (E + E^T) x`` alone: one score tile and one exp per score
   (:func:`symmetric_factors`), 2 GEMM passes for the whole backward.
 
+The weights meet the other side's rows in ``tl.dot`` in the input type, so for
+fp16/bf16 they are rounded; the rule is csrc/lse_math.h's (the C++ kernels), which
+this module mirrors. What is rounded is ``p`` times a factor of at most 1, never
+``E`` itself (``weight = (h / tau) / max|h / tau|``, the scale applied to the
+accumulator at the end). For fp16 that one scale is not enough: one anchor with a
+large ``h`` would push every other ``p * weight`` below fp16's subnormals, so each
+tile of anchors divides its factors by its own largest ``|weight|`` and multiplies
+its product by it in the accumulator (:func:`_tile_scale`; in the symmetric row
+pass, per output row and candidate tile, :func:`_tile_scales`). bf16 has float32's
+exponent range and keeps the one scale.
+
 Both passes walk their interior tiles unmasked and mask only the tiles where an
 excluded pair falls (see helpers.tile_order); the column pass finds those from a
 scan of the exclusion table. Exps are exp2 with log2(e) / tau folded into one FMA.
@@ -55,11 +66,34 @@ SCAN_ROWS = tl.constexpr(1024)  # exclusion-table entries per step of the column
 
 
 @triton.jit
+def _tile_scale(weight):
+    """The column view's scale of one tile of anchors with weights ``weight``: max |weight|, 1 if all are 0.
+
+    For fp16 operands each anchor tile's products are rounded as ``p * weight / tile_scale``
+    and multiplied by ``tile_scale`` in the accumulator: one scale for all anchors would
+    let one large upstream gradient push every other anchor's ``p * weight`` below fp16's
+    subnormals (issue 11). The rule of csrc/lse_math.h (the C++ kernels, which use tiles of
+    64 anchors), mirrored here with this kernel's own tile of anchors.
+    """
+    top = tl.max(tl.abs(weight), axis=0)
+    return tl.where(top > 0, top, 1.0)
+
+
+@triton.jit
+def _tile_scales(weight, weight_c):
+    """_tile_scale of each output row of the symmetric row pass for one candidate tile: its
+    operands ``E[r, c] + E[c, r]`` hold the row's own weight and the tile's anchors' (as
+    columns), so the scale of row r is ``max(|weight[r]|, max_c |weight_c[c]|)``."""
+    top = tl.maximum(tl.abs(weight), tl.max(tl.abs(weight_c), axis=0))
+    return tl.where(top > 0, top, 1.0)
+
+
+@triton.jit
 def rows_step(
     acc, x, x_ptrs, y_ptrs, y_chunk_ptrs, rows, cols, dims, M, D, stride_xd, first, second, alpha, lse2, weight,
     alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_CHUNK: tl.constexpr, EVEN_D: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr, TILE_SCALES: tl.constexpr,
 ):  # fmt: skip
     """acc + (E + E^T)[rows, cols] x[cols] for one candidate tile."""
     y = load_at(y_chunk_ptrs, cols, dims, M, D, MASKED, EVEN_D)
@@ -68,22 +102,39 @@ def rows_step(
         ACC, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, MASKED, False, PRECISION,
     )  # fmt: skip
     # Masked before exp (the positive's term may overflow): hidden entries are -inf, their terms 0.
+    if MASKED:
+        weight_c = tl.load(weight_ptr + cols, mask=cols < M, other=0.0)
+    else:
+        weight_c = tl.load(weight_ptr + cols)
+    if TILE_SCALES:  # fp16: each output row's own scale for this tile (_tile_scales), 1 / it folded in here
+        row_scale = _tile_scales(weight, weight_c)
+        inv = 1.0 / row_scale
+    else:
+        row_scale = weight  # unused
+        inv = weight  # unused
     if ONE_EXP:  # E + E^T = 2^(s scale - shift) (alpha[r] + alpha[c]): one exp per score
         if MASKED:
             alpha_c = tl.load(alpha_ptr + cols, mask=cols < M, other=0.0)
         else:
             alpha_c = tl.load(alpha_ptr + cols)
-        both = exp2(sim * scale - shift) * (alpha[:, None] + alpha_c[None, :])
+        if TILE_SCALES:
+            both = exp2(sim * scale - shift) * ((alpha * inv)[:, None] + alpha_c[None, :] * inv[:, None])
+        else:
+            both = exp2(sim * scale - shift) * (alpha[:, None] + alpha_c[None, :])
     else:  # lse spread too wide for one shift: w[r] 2^(s scale - lse2[r]) + w[c] 2^(s scale - lse2[c])
         if MASKED:
             lse2_c = tl.load(lse2_ptr + cols, mask=cols < M, other=float("inf"))
-            weight_c = tl.load(weight_ptr + cols, mask=cols < M, other=0.0)
         else:
             lse2_c = tl.load(lse2_ptr + cols)
-            weight_c = tl.load(weight_ptr + cols)
-        both = weight[:, None] * exp2(sim * scale - lse2[:, None])
-        both += weight_c[None, :] * exp2(sim * scale - lse2_c[None, :])
-    # Each term <= |weight| <= 1: safe to round to fp16/bf16 for the tensor cores.
+        if TILE_SCALES:
+            both = (weight * inv)[:, None] * exp2(sim * scale - lse2[:, None])
+            both += (weight_c[None, :] * inv[:, None]) * exp2(sim * scale - lse2_c[None, :])
+        else:
+            both = weight[:, None] * exp2(sim * scale - lse2[:, None])
+            both += weight_c[None, :] * exp2(sim * scale - lse2_c[None, :])
+    # Each term <= |weight| <= 1 (<= its row's scale with TILE_SCALES): safe to round to fp16/bf16.
+    if TILE_SCALES:
+        return acc + row_scale[:, None] * dot_acc(rounded(both, y.dtype), y, tl.zeros_like(acc), PRECISION)
     return dot_acc(rounded(both, y.dtype), y, acc, PRECISION)
 
 
@@ -116,6 +167,7 @@ def rows_kernel(
     SINGLE_CHUNK: tl.constexpr,
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    TILE_SCALES: tl.constexpr,  # fp16 operands: a scale per tile of anchors (_tile_scale)
 ):
     ACC = lse2_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -149,7 +201,7 @@ def rows_kernel(
         acc = rows_step(
             acc, x, x_ptrs, y_ptrs + offset, y_chunk_ptrs + offset, rows, cols, dims, M, D, stride_xd, first,
             second, alpha, lse2, weight, alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP, ACC, BLOCK_M,
-            BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, False, PRECISION,
+            BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, False, PRECISION, TILE_SCALES,
         )  # fmt: skip
     for j in range(0, (len1 + len2 + (n_full * BLOCK_N < M).to(tl.int32)) * active):
         start = masked_tile(j, a1, len1, a2, len2, n_full) * BLOCK_N
@@ -158,7 +210,7 @@ def rows_kernel(
         acc = rows_step(
             acc, x, x_ptrs, y_ptrs + offset, y_chunk_ptrs + offset, rows, cols, dims, M, D, stride_xd, first,
             second, alpha, lse2, weight, alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP, ACC, BLOCK_M,
-            BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, True, PRECISION,
+            BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, True, PRECISION, TILE_SCALES,
         )  # fmt: skip
 
     if active:
@@ -170,7 +222,7 @@ def columns_step(
     acc, y, x_ptrs, x_chunk_ptrs, y_ptrs, excluded_ptr, rows, cols, dims, M, C, D, stride_xd, stride_yd, stride_em,
     stride_ek, alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
-    EVEN_D: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, TILE_SCALES: tl.constexpr,
 ):  # fmt: skip
     """acc + E[rows, cols]^T x[rows] for one anchor tile."""
     x = load_at(x_chunk_ptrs, rows, dims, M, D, MASKED, EVEN_D)
@@ -185,17 +237,22 @@ def columns_step(
         ACC, BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_CHUNK, EVEN_D, MASKED, True, PRECISION,
     )  # fmt: skip
     # |E| <= |weight| <= 1 (weight = (h / tau) / max|h / tau|), so this tile also fits fp16's range.
+    # (Unused with ONE_EXP unless TILE_SCALES: the compiler drops the load.)
+    weight = tl.load(weight_ptr + rows, mask=inside, other=0.0) if MASKED else tl.load(weight_ptr + rows)
+    if TILE_SCALES:  # fp16: the tile's own scale (csrc/lse_math.h's column view), 1 / it folded into the factors
+        tile_scale = _tile_scale(weight)
+        inv = 1.0 / tile_scale
+    else:
+        tile_scale = 1.0  # unused
+        inv = 1.0
     if ONE_EXP:  # E = 2^(s scale - shift) alpha[r]: one factor per anchor instead of two
         alpha = tl.load(alpha_ptr + rows, mask=inside, other=0.0) if MASKED else tl.load(alpha_ptr + rows)
-        e_t = exp2(sim_t * scale - shift) * alpha[None, :]
+        e_t = exp2(sim_t * scale - shift) * (alpha * inv)[None, :]
     else:
-        if MASKED:
-            lse2 = tl.load(lse2_ptr + rows, mask=inside, other=float("inf"))
-            weight = tl.load(weight_ptr + rows, mask=inside, other=0.0)
-        else:
-            lse2 = tl.load(lse2_ptr + rows)
-            weight = tl.load(weight_ptr + rows)
-        e_t = exp2(sim_t * scale - lse2[None, :]) * weight[None, :]
+        lse2 = tl.load(lse2_ptr + rows, mask=inside, other=float("inf")) if MASKED else tl.load(lse2_ptr + rows)
+        e_t = exp2(sim_t * scale - lse2[None, :]) * (weight * inv)[None, :]
+    if TILE_SCALES:  # the tile's product, then its scale, in the accumulation type
+        return acc + tile_scale * dot_acc(rounded(e_t, x.dtype), x, tl.zeros_like(acc), PRECISION)
     return dot_acc(rounded(e_t, x.dtype), x, acc, PRECISION)
 
 
@@ -232,6 +289,7 @@ def columns_kernel(
     SINGLE_CHUNK: tl.constexpr,
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    TILE_SCALES: tl.constexpr,  # fp16 operands: a scale per tile of anchors (_tile_scale)
 ):
     ACC = lse2_ptr.dtype.element_ty
     start = tl.program_id(0) * BLOCK_N
@@ -260,7 +318,7 @@ def columns_kernel(
         acc = columns_step(
             acc, y, x_ptrs + offset, x_chunk_ptrs + offset, y_ptrs, excluded_ptr, rows, cols, dims, M, C, D,
             stride_xd, stride_yd, stride_em, stride_ek, alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP, ACC,
-            BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, False, PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, False, PRECISION, TILE_SCALES,
         )  # fmt: skip
     for j in range(0, (len1 + len2 + (n_full * BLOCK_M < M).to(tl.int32)) * active):
         row_start = masked_tile(j, a1, len1, a2, len2, n_full) * BLOCK_M
@@ -269,7 +327,7 @@ def columns_kernel(
         acc = columns_step(
             acc, y, x_ptrs + offset, x_chunk_ptrs + offset, y_ptrs, excluded_ptr, rows, cols, dims, M, C, D,
             stride_xd, stride_yd, stride_em, stride_ek, alpha_ptr, lse2_ptr, weight_ptr, scale, shift, ONE_EXP, ACC,
-            BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, True, PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_CHUNK, EVEN_D, True, PRECISION, TILE_SCALES,
         )  # fmt: skip
 
     if active:
@@ -352,6 +410,7 @@ def rows_launches(
         COLS_CLASS=size_class(m),
         TF32=bool(tf32),
         BLOCK_D=chunk_of(x, tf32, gradient=True),
+        TILE_SCALES=x.dtype == torch.float16,
     )
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     return _both_formulas(rows_tuned if autotuned(m, m, x.dtype) else rows_fixed, rows_fixed, grid, args, out)
@@ -406,6 +465,7 @@ def columns_launches(
         COLS_CLASS=size_class(c),
         TF32=bool(tf32),
         BLOCK_D=chunk_of(x, tf32, gradient=True),
+        TILE_SCALES=x.dtype == torch.float16,
     )
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     kernel = columns_tuned if autotuned(m, c, x.dtype) else columns_fixed
