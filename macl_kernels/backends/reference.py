@@ -8,7 +8,7 @@ math is the textbook form on the dense softmax, not the stable form of
     P_rc   = softmax of row r's logits over its candidates (excluded columns removed)
     1 - P  = the sum of P_rc over row r's negatives        (a sum, never a subtraction)
     -log P = -log_softmax at the positive, or -log1p(-(1 - P)) where P > 1/2
-    V      = 1 / (1 - P + eps), detached;   loss_r = V * (-log P)
+    V      = 1 / (1 - P + eps), detached;   loss_r = V * (-log P)   (eps = 0: see below)
     tau    = T * (1 + alpha * (A - A_0))  or  T * alpha**A,  A detached, floored
 
 Autograd differentiates all of it, double backward included, so the gradients
@@ -16,11 +16,10 @@ Autograd differentiates all of it, double backward included, so the gradients
 exact ones under MATH.md's detach semantics. O(M*C) memory: use it to check, not to
 train. Call it on float64 inputs for a float64 ground truth.
 
-Domain: V is formed as a number. With eps = 0 a row's loss is exact while 1 - P is
-a normal number of the accumulation dtype (float64: d below about 700; float32:
-below about 85); beyond that 1 - P underflows and the row's loss reads 0 instead of
-about 1 (MATH.md: eps = 0 gives loss >= 1). With eps > 0, and for rows without any
-negative (loss 0 by MATH.md section 8), there is no such limit.
+With eps = 0, V (-log P) = -log P / (1 - P) is formed in log space instead
+(exp(log(-log P) - log(1 - P)), log(1 - P) the log-sum-exp of the negatives'
+log-probabilities), since 1 - P underflows (float64: d past about 708) long before the
+loss stops being about 1; a row without any negative has loss 0 (MATH.md section 8).
 """
 
 from __future__ import annotations
@@ -86,6 +85,27 @@ def _temperature(alignment: torch.Tensor, cfg: MACLConfig) -> torch.Tensor:
     return torch.clamp(tau, min=cfg.min_temperature)
 
 
+def _exact_reweighted_loss(log_prob, log_p, is_negative, nll, confident) -> torch.Tensor:
+    """eps = 0: V (-log P) = -log P / (1 - P), V detached, computed in log space.
+
+    1 - P underflows long before the ratio stops being ~1 (float64: d past ~708), so
+    the loss is exp(log(-log P) - log(1 - P)) with log(1 - P) the log-sum-exp of the
+    negatives' log-probabilities, and, where P > 1/2, log(-log P) = log q + log(log1p(q) / q)
+    with q = (1 - P) / P = exp(log(1 - P) - log P). A row without negatives has loss 0
+    (MATH.md section 8).
+    """
+    has_negatives = is_negative.any(dim=1)
+    log_one_minus_p = log_prob.masked_fill(~is_negative, float("-inf")).logsumexp(dim=1)
+    log_one_minus_p = torch.where(has_negatives, log_one_minus_p, 0.0)  # 0: a harmless value where unused
+    log_q = log_one_minus_p - log_p
+    q = log_q.exp()
+    small = q < torch.finfo(q.dtype).eps  # log1p(q) / q = 1 - q/2 + ... is 1 to rounding
+    q_used = torch.where(small, 1.0, q)  # the unused branch gets a harmless input (no 0 * inf gradient)
+    log_ratio = torch.where(small, 0.0, torch.log(torch.log1p(q_used) / q_used))
+    log_nll = torch.where(confident, log_q + log_ratio, torch.log(torch.where(confident, 1.0, nll)))
+    return torch.where(has_negatives, torch.exp(log_nll - log_one_minus_p.detach()), 0.0)
+
+
 def macl_loss_reference(
     z0: torch.Tensor, z1: torch.Tensor, negatives: Optional[torch.Tensor], cfg: MACLConfig
 ) -> Tuple[torch.Tensor, MACLStats]:
@@ -113,7 +133,9 @@ def macl_loss_reference(
     # so that its gradient is never 0 * inf.
     confident = log_p > -0.6931471805599453  # P > 1/2
     nll = torch.where(confident, -torch.log1p(-torch.where(confident, one_minus_p, 0.0)), -log_p)
-    if cfg.reweight:
+    if cfg.reweight and cfg.eps == 0:
+        per_anchor = _exact_reweighted_loss(log_prob, log_p, is_negative, nll, confident)
+    elif cfg.reweight:
         denominator = one_minus_p + cfg.eps
         representable = denominator >= torch.finfo(acc).tiny  # else 1 - P = 0: no negative, or underflow
         v = torch.where(representable, 1 / denominator.clamp_min(torch.finfo(acc).tiny), 1.0).detach()

@@ -108,3 +108,18 @@ def test_reductions_are_consistent(reduction):
     reduced = mk.macl_loss(z0, z1, backend="reference", reduction=reduction)
     expected = per_anchor.sum() if reduction == "sum" else per_anchor.mean()
     assert reduced.item() == pytest.approx(expected.item(), rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype, d", [(torch.float64, 900.0), (torch.float64, 720.0), (torch.float32, 95.0)], ids=str)
+def test_exact_reweighting_where_one_minus_p_underflows(dtype, d):
+    """eps = 0 with 1 - P = e^-d below the smallest normal number: each anchor's loss is ~1 (MATH.md section 3),
+    and its gradient the fused path's, whose per-anchor math shares no code with the reference."""
+    z = torch.eye(2, dtype=dtype)  # two orthogonal pairs: l+ = 1/tau, the one negative 0, so d = 1/tau
+    temperature = 1 / (d * 1.5)  # tau = T (1 + 0.5 (A - 0)) with A = 1
+    settings = dict(temperature=temperature, eps=0.0, layout="cross", reduction="none")
+    loss, grads = loss_and_grads(z, z, backend="reference", **settings)
+    assert torch.allclose(loss, torch.ones_like(loss), rtol=4 * torch.finfo(dtype).eps, atol=0), loss
+    fused_loss, fused_grads = loss_and_grads(z, z, backend="torch", **settings)
+    assert_rel_close(fused_loss, loss, 1e-12 if dtype == torch.float64 else 1e-6, "loss")
+    for got, want in zip(fused_grads, grads):
+        assert_rel_close(got, want, 1e-12 if dtype == torch.float64 else 1e-6, "gradient")
