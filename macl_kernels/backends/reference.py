@@ -98,7 +98,7 @@ def _exact_reweighted_loss(log_prob, log_p, is_negative, nll, confident) -> torc
     log_one_minus_p = log_prob.masked_fill(~is_negative, float("-inf")).logsumexp(dim=1)
     log_one_minus_p = torch.where(has_negatives, log_one_minus_p, 0.0)  # 0: a harmless value where unused
     log_q = log_one_minus_p - log_p
-    q = log_q.exp()
+    q = log_q.clamp(max=0.0).exp()  # q < 1 where it is used (P > 1/2); elsewhere no overflow into 0 * inf
     small = q < torch.finfo(q.dtype).eps  # log1p(q) / q = 1 - q/2 + ... is 1 to rounding
     q_used = torch.where(small, 1.0, q)  # the unused branch gets a harmless input (no 0 * inf gradient)
     log_ratio = torch.where(small, 0.0, torch.log(torch.log1p(q_used) / q_used))

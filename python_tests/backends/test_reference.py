@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import macl_kernels as mk
 from benchmarks.baselines import load_lightly_macl
-from macl_kernels.testing import assert_rel_close, loss_and_grads, losses_by_hand, make_views
+from macl_kernels.testing import TOLERANCE, assert_rel_close, loss_and_grads, losses_by_hand, make_views
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,18 @@ def test_exact_reweighting_where_one_minus_p_underflows(dtype, d):
     assert_rel_close(fused_loss, loss, 1e-12 if dtype == torch.float64 else 1e-6, "loss")
     for got, want in zip(fused_grads, grads):
         assert_rel_close(got, want, 1e-12 if dtype == torch.float64 else 1e-6, "gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_exact_reweighting_gradient_is_finite_where_p_is_tiny(dtype):
+    """eps = 0 with an anti-aligned positive at a small temperature: P underflows (log P past -88 in float32
+    math), and the log-space path must not turn the unused branch's overflow into NaN gradients."""
+    g = torch.Generator().manual_seed(4)
+    z0, z1 = torch.randn(8, 16, generator=g, dtype=torch.float64), torch.randn(8, 16, generator=g, dtype=torch.float64)
+    z1[0] = -z0[0]
+    temperature = 0.001 if dtype == torch.float64 else 0.01
+    z0, z1 = z0.to(dtype), z1.to(dtype)
+    loss, grads = loss_and_grads(z0, z1, backend="reference", temperature=temperature, eps=0.0)
+    assert torch.isfinite(loss) and all(torch.isfinite(grad).all() for grad in grads)
+    fused_loss, fused_grads = loss_and_grads(z0, z1, backend="torch", temperature=temperature, eps=0.0)
+    assert_rel_close(loss, fused_loss, TOLERANCE[dtype], "loss")
