@@ -152,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 row.update(check(backend, z0, z1, truth))
             except Exception as exc:  # one backend's failure must not hide the others' results
                 traceback.print_exc()
-                row["note"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                row["note"] = f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}"
             rows.append(row)
             write_csv(rows, csv_path)  # after every case: a run killed midway keeps its rows
             print({k: row.get(k) for k in [*COLUMNS, "note"] if k in row}, flush=True)
@@ -165,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(tables, f"{args.name}.md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    failed = [r for r in rows if verdict(r) == "FAIL" or verdict(r).startswith("error")]
+    failed = [r for r in rows if verdict(r) == "FAIL" or verdict(r).startswith(("error", "no oracle"))]
     return 1 if failed else 0
 
 

@@ -44,6 +44,13 @@ def child_environment() -> Dict[str, str]:
     return env
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it has ended (its group with it) in the meantime
+        pass
+
+
 def run_isolated(module: str, args: Sequence[str], timeout_s: float) -> Outcome:
     """Run ``python -m module *args`` and return its outcome; never raises for the child's failures."""
     proc = subprocess.Popen(
@@ -58,11 +65,11 @@ def run_isolated(module: str, args: Sequence[str], timeout_s: float) -> Outcome:
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc)
         proc.communicate()
         return Outcome("timeout", note=f"killed after {timeout_s:.0f} s")
-    except BaseException:  # e.g. Ctrl-C: do not leave the child running in its own session
-        os.killpg(proc.pid, signal.SIGKILL)
+    except BaseException:  # e.g. Ctrl-C or a time cap's SIGTERM: do not leave the child running in its session
+        _kill_group(proc)
         raise
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_TAG):

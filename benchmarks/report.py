@@ -188,6 +188,8 @@ def markdown(rows: Sequence[Row], sweep: Dict) -> str:
     """The whole report; ``sweep`` is the content of machine.json (environment, command, limits, elapsed time)."""
     elapsed = sweep.get("elapsed_s")
     took = f" The sweep took {format_duration(elapsed)} of wall-clock time." if elapsed is not None else ""
+    if sweep.get("interrupted"):
+        took += " The sweep was interrupted (a time cap): the cases after its last row did not run."
     if "load_average" in sweep:  # how busy the machine was: other work inflates CPU times
         end = sweep.get("load_average_at_end", "n/a")
         took += f" Load average {sweep['load_average']} at the start, {end} at the end."

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -189,18 +190,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_json(sweep, os.path.join(args.out, "machine.json"))
     planner = Planner(limits, args.device, device_memory_gib(args.device, limits))
     rows: List[report.Row] = []
+    # A time cap's SIGTERM (benchmarks/gpu_check.sh) becomes an exception: the running case's
+    # subprocess is killed (benchmarks.isolate) and the report below is still written.
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     progress = tqdm(cases, desc=f"bench {preset.name}", unit="case", file=sys.stderr)
-    for case in progress:
-        progress.set_postfix_str(f"{case.backend} {case.layout} {case.mode} N={case.n} D={case.d} {case.dtype}")
-        outcome = planner.plan(case)
-        if outcome is None:
-            outcome = measure_case(case, limits, args.device)
-            planner.record(case, outcome)
-        rows.append(report.make_row(case, outcome, env))
-        report.write_csv(rows, csv_path)  # after every case: an interrupted sweep keeps its rows
+    interrupted = False
+    try:
+        for case in progress:
+            progress.set_postfix_str(f"{case.backend} {case.layout} {case.mode} N={case.n} D={case.d} {case.dtype}")
+            outcome = planner.plan(case)
+            if outcome is None:
+                outcome = measure_case(case, limits, args.device)
+                planner.record(case, outcome)
+            rows.append(report.make_row(case, outcome, env))
+            report.write_csv(rows, csv_path)  # after every case: an interrupted sweep keeps its rows
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted after {len(rows)} of {len(cases)} cases: writing the report of those", file=sys.stderr)
     progress.close()
 
     # The sweep's own wall-clock time, in its outputs: the only source for a claim about it.
+    sweep["interrupted"] = interrupted
     sweep["elapsed_s"] = round(time.monotonic() - planner.started, 1)
     sweep["load_average_at_end"] = machine.load_average()
     sweep["unavailable"] = unavailable_fused(args.device)
@@ -213,7 +223,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {r['backend']} {r['layout']} {r['mode']} N={r['n']}: {r['note']}", file=sys.stderr)
     print(f"wrote the results to {args.out} in {report.format_duration(sweep['elapsed_s'])}")
     print(text)
-    return 0
+    return 130 if interrupted else 0
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def write_json(value: Dict, path: str) -> None:

@@ -2,8 +2,10 @@
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,6 +48,25 @@ def test_cli_tiny_sweep_writes_csv_markdown_and_plots(tmp_path):
         "infonce_cross_sym_fwd_bwd_d16_float32.png",
         "macl_ntxent_fwd_bwd_d16_float32.png",
     ]
+
+
+@pytest.mark.slow
+def test_a_time_cap_ends_the_sweep_with_its_report_and_no_child_left(tmp_path):
+    """gpu_check.sh's caps send SIGTERM: the rows so far get their report, and no measurement outlives the sweep."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--preset", "tiny", "--no-plots"]
+    proc = subprocess.Popen([*cmd, "--out", str(out)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "results.csv").is_file() and time.monotonic() < deadline:  # one case measured
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr.decode()[-2000:]
+    assert "interrupted" in (out / "results.md").read_text()
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) >= 1
+    children = subprocess.run(["pgrep", "-f", "benchmarks.measure"], capture_output=True, text=True).stdout.split()
+    assert children == [], children
 
 
 def test_list_prints_the_selected_cases_in_order_of_n(capsys):
