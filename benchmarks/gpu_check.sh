@@ -68,9 +68,17 @@ publish() {
     tar -C "$WORK" -czf "$OUT/.logs.tar.gz" . && mv -f "$OUT/.logs.tar.gz" "$OUT/logs.tar.gz"
 }
 
-# step NAME CAP_S COMMAND... : run COMMAND under a time cap, log to WORK/NAME.log, publish the outcome.
+# record NAME OUTCOME: one line of the summary, kept for the end and published now.
+record() {
+    local line
+    line=$(printf '%-12s %s' "$1" "$2")
+    SUMMARY+=("$line")
+    publish "$line"
+}
+
+# step NAME CAP_S COMMAND... : run COMMAND under a time cap, log to WORK/NAME.log, record the outcome.
 step() {
-    local name=$1 cap=$2 start=$SECONDS rc status line
+    local name=$1 cap=$2 start=$SECONDS rc status
     shift 2
     echo "== $name (cap ${cap}s): $*"
     timeout --kill-after=10 "$cap" "$@" >"$WORK/$name.log" 2>&1
@@ -81,9 +89,7 @@ step() {
         *) status="FAILED (exit $rc)"; FAILED=1 ;;
     esac
     tail -n 3 "$WORK/$name.log" | sed 's/^/   | /'
-    line=$(printf '%-12s %-22s %4d s  (at %d s)  %s' "$name" "$status" $((SECONDS - start)) "$SECONDS" "$name.log")
-    SUMMARY+=("$line")
-    publish "$line"
+    record "$name" "$(printf '%-22s %4d s  (at %d s)  %s' "$status" $((SECONDS - start)) "$SECONDS" "$name.log")"
 }
 
 rm -f "$OUT/summary.txt"
@@ -103,7 +109,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 if [ "$DRY" = 1 ]; then
-    SUMMARY+=("$(printf '%-12s %s' build "skipped in --dry-run: the venv's editable install is used")")
+    record build "skipped in --dry-run: the venv's editable install is used"
 else
     step build "${CAPS[0]}" "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
@@ -123,9 +129,7 @@ step gpu_check "${CAPS[4]}" "$PY" -m benchmarks.gpu_check --device "$DEVICE" --p
 # SIGTERM it still writes its report of the cases so far.
 BENCH_CAP=$((BUDGET_S - SECONDS - 10))
 if [ "$BENCH_CAP" -lt 30 ]; then
-    line=$(printf '%-12s %s' bench "SKIPPED: ${SECONDS} s of the ${BUDGET_S} s budget used before it")
-    SUMMARY+=("$line")
-    publish "$line"
+    record bench "SKIPPED: ${SECONDS} s of the ${BUDGET_S} s budget used before it"
     FAILED=1
 else
     BENCH_MINUTES=$(awk -v s="$BENCH_CAP" 'BEGIN { printf "%.1f", (s - 20) / 60 }')

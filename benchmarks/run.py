@@ -192,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[report.Row] = []
     # A time cap's SIGTERM (benchmarks/gpu_check.sh) becomes an exception: the running case's
     # subprocess is killed (benchmarks.isolate) and the report below is still written.
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
     progress = tqdm(cases, desc=f"bench {preset.name}", unit="case", file=sys.stderr)
     interrupted = False
     try:
@@ -207,6 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         interrupted = True
         print(f"interrupted after {len(rows)} of {len(cases)} cases: writing the report of those", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)  # main() may run inside another program (tests)
     progress.close()
 
     # The sweep's own wall-clock time, in its outputs: the only source for a claim about it.
