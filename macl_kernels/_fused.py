@@ -116,7 +116,7 @@ def fused_macl_loss(
     extra = None
     if negatives is not None:  # normalized like the inputs; a gradient only if they require one
         _, extra = normalize_rows(negatives)
-        if across_ranks and layout.gathers_negatives and not shared_negatives:
+        if across_ranks and layout.gathers(shared_negatives):
             extra = distributed.gather_rows(extra)
 
     positive = positive_cos / tau

@@ -63,6 +63,12 @@ class Layout:
     needs_negatives: bool = False  # negatives= is required (queue: the bank is the only negatives)
     gathers_negatives: bool = True  # across ranks: per-rank negatives, gathered like z1 (else one shared bank)
 
+    def gathers(self, negatives_shared: bool) -> bool:
+        """Whether a multi-process call gathers the extra negatives: per-rank rows are gathered
+        like z1, unless the layout reads one shared bank or the caller's rows are already the
+        same on every rank (``negatives_shared``: a memory bank that gathers)."""
+        return self.gathers_negatives and not negatives_shared
+
     @property
     def anchor_views(self) -> Tuple[int, ...]:
         """The views of every anchor block, in the order of the per-anchor losses."""

@@ -168,7 +168,7 @@ def reference_loss_across_ranks(
     the negatives are the same rows on every rank (not gathered), as in the fused path.
     """
     all_z0, all_z1 = gather_views(z0, z1)
-    if negatives is not None and _layouts.LAYOUTS[cfg.layout].gathers_negatives and not shared_negatives:
+    if negatives is not None and _layouts.LAYOUTS[cfg.layout].gathers(shared_negatives):
         negatives = gather_rows(negatives)
     per_anchor_cfg = dataclasses.replace(cfg, reduction="none")
     per_anchor, stats = macl_loss_reference(all_z0, all_z1, negatives, per_anchor_cfg)

@@ -73,3 +73,9 @@ def test_extra_negatives_reach_the_anchors_of_math_section_8():
         reached = tuple(view for d in layout.directions if d.extra_negatives for view in d.anchors)
         assert reached == EXTRA_NEGATIVES_FOR[name], name
         assert layout.needs_negatives == (name == "queue") and layout.gathers_negatives == (name != "queue")
+
+
+def test_negatives_are_gathered_only_when_they_differ_by_rank():
+    for name, layout in LAYOUTS.items():
+        assert layout.gathers(negatives_shared=False) == (name != "queue"), name
+        assert not layout.gathers(negatives_shared=True), name
