@@ -51,7 +51,8 @@ FORWARD_TILES = {
 
 
 def tile_of(kernel: str, dtype: str) -> Dict[str, int]:
-    """The tile figures of a kernel (negative_lse_forward, ..._rows_grad, ..._cols_grad) for an input type."""
+    """The tile figures of a kernel (negative_lse_forward, ..._forward_product, ..._rows_grad, ..._cols_grad)
+    for an input type: the forward_product has the gradient passes' tile."""
     return {**TILES[dtype], **(FORWARD_TILES.get(dtype, {}) if kernel == "negative_lse_forward" else {})}
 
 
@@ -202,7 +203,7 @@ def census(instructions, tile: Dict[str, int], dim: int, owner) -> Dict[str, flo
     return counts
 
 
-KERNEL = re.compile(r"(negative_lse_(?:forward|rows_grad|cols_grad))<(\w+)>")
+KERNEL = re.compile(r"(negative_lse_(?:forward_product|forward|rows_grad|cols_grad))<(\w+)>")
 
 
 def measure(arch: str, dim: int) -> Dict[Tuple[str, str], Dict[str, float]]:

@@ -105,6 +105,12 @@ cudaError_t launch_negative_lse(InputType type, const LseArgs& args, void* lse, 
   return run_forward(runner, type, args, lse);
 }
 
+cudaError_t launch_negative_lse_product(InputType type, const LseArgs& args, void* lse, void* product,
+                                        cudaStream_t stream) {
+  CudaRunner runner(stream);
+  return run_forward_product(runner, type, args, lse, product);
+}
+
 cudaError_t launch_negative_lse_backward(InputType type, const LseArgs& args, const BackwardArgs& b, void* dx,
                                          void* dy, cudaStream_t stream) {
   CudaRunner runner(stream);
