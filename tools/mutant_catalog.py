@@ -381,6 +381,26 @@ MUTANTS = [
         rebuild=("emulator",),
     ),
     Mutant(
+        "cuda-product-without-rescale",
+        "csrc/cuda/forward_product.cuh",
+        "rescale_row<Tile>(i, max2[i], next, sum[i], product);",
+        "",
+        (f"{T_EMULATED}::test_product_matches_float64[float32-cross-n70-d40]",),
+        "the forward with P y: a rising row max leaves the sum and product of the earlier tiles unrescaled",
+        rebuild=("emulator",),
+    ),
+    Mutant(
+        "cpu-product-without-rescale",
+        "csrc/cpu/tile_passes.cpp",
+        """      for (int64_t d = 0; d < features; ++d) {
+        out[d] *= factor;
+      }""",
+        "",
+        (f"{T_CPP}::test_product_matches_float64[cross-torch.float32]",),
+        "the CPU forward with P y: a rising row max leaves the product of the earlier column blocks unrescaled",
+        rebuild=("cpu",),
+    ),
+    Mutant(
         "cuda-ragged-tile-off-by-one",
         CUDA_KERNELS,
         "valid = min(cols - col0, Tile::kStreamed);",
