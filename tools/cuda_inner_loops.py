@@ -4,7 +4,8 @@ Compiles csrc/cuda/negative_lse_kernels.cu to a cubin (device code only, no GPU 
 with -DMACL_CUDA_COMMON_PATH_ONLY and line information, and disassembles it (nvdisasm
 -gi). That build computes every rare path's condition and branches on it, but to a trap
 instead of the path (tile_stream.cuh's rare(): masked tiles, the last partial tile, the
-chunked layout, the forward's repair), so each kernel keeps one loop over streamed tiles,
+chunked layout, the forward's repair, the forward_product's rescale of a row whose running
+max rises: counted is a tile that raises none), so each kernel keeps one loop over streamed tiles,
 the one that holds the barrier and the copies, and its body is what a thread executes per
 tile in the common case. Each loop nested in it counts its body times its trip count at
 the given D, from the function it belongs to (the k loop of add_scores, the gradient

@@ -390,6 +390,16 @@ MUTANTS = [
         rebuild=("emulator",),
     ),
     Mutant(
+        "cuda-product-fixed-shift",
+        "csrc/cuda/forward_product.cuh",
+        "max2[i] = negative_infinity<Acc>();",
+        "max2[i] = scale2;",
+        (f"{T_EMULATED}::test_fp16_product_of_far_apart_rows_at_a_tiny_tau",),
+        "the forward with P y shifted by the logit of a score of 1 (log2(e) / tau) instead of each row's running "
+        "max: at a tiny tau a row's largest fp16 operands fall to fp16's subnormals or 0",
+        rebuild=("emulator",),
+    ),
+    Mutant(
         "cpu-product-without-rescale",
         "csrc/cpu/tile_passes.cpp",
         """      for (int64_t d = 0; d < features; ++d) {
