@@ -228,11 +228,11 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=128, help="embedding width D (default 128)")
     args = parser.parse_args()
     print(f"sm_{args.arch}, D = {args.dim}, resident layout, common path, per thread and streamed tile:")
-    print(f"{'kernel':38} {'instr':>7} {'elems':>5} {'instr/elem':>10} {'MUFU/elem':>9}")
+    print(f"{'kernel':46} {'instr':>7} {'elems':>5} {'instr/elem':>10} {'MUFU/elem':>9}")
     for (kernel, dtype), counts in sorted(measure(args.arch, args.dim).items()):
         elements = counts["elements"]
         print(
-            f"{kernel + '<' + dtype + '>':38} {counts['instructions']:7.0f} {elements:5d} "
+            f"{kernel + '<' + dtype + '>':46} {counts['instructions']:7.0f} {elements:5d} "
             f"{counts['instructions'] / elements:10.1f} {counts['MUFU'] / elements:9.2f}"
         )
     return 0

@@ -315,10 +315,11 @@ MUTANTS = [
     Mutant(
         "extension-ops-negatives-gradient-not-required",
         "macl_kernels/_extension_ops.py",
-        "need_dy = ctx.has_y and ctx.needs_input_grad[1]",
-        "need_dy = ctx.has_y",
+        "if need_dy:  # the column pass alone",
+        "if y is not None:  # the column pass alone",
         (f"{T_CPP}::test_candidates_get_gradient_work_only_when_they_require_a_gradient",),
-        "the kernels compute the gradient of extra negatives that do not require one (thrown away)",
+        "the kernels compute the gradient of extra negatives that do not require one (thrown away); the snippet "
+        "is the product forward's backward, the path of every layout with candidates whose anchors need a gradient",
     ),
     # ---- the C++ CPU kernel (csrc/cpu, csrc/lse_math.h): each one rebuilds the CPU ops ----
     Mutant(

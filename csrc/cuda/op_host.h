@@ -102,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor> negative_lse_product_with(const Inputs& in, c
 template <typename Launch, typename Empty>
 std::tuple<at::Tensor, at::Tensor> negative_lse_backward_with(const Inputs& in, const at::Tensor& grad_lse,
                                                               const at::Tensor& lse, bool has_y, bool need_dy,
-                                                              bool need_dx, at::ScalarType out_type, const Launch& launch,
-                                                              const Empty& empty) {
+                                                              bool need_dx, at::ScalarType out_type,
+                                                              const Launch& launch, const Empty& empty) {
   const at::ScalarType acc = accumulation_type(out_type);
   const at::TensorOptions options = in.x.options().dtype(acc);
   const at::Tensor g = grad_lse.to(acc).contiguous();

@@ -33,8 +33,9 @@ path (``y`` given) of the Triton and compiled (``cpp``, ``cuda``) backends also
 the negatives) when ``dx`` will be needed: the forward computes it with the lse,
 and ``dx = (h / tau) P y`` (:func:`macl_kernels._math.rows_from_product`) costs no
 pass over S, the backward's only pass being the one for ``dy``
-(backends/triton/operators.py, macl_kernels/_extension_ops.py). Everything per anchor (tau, d, V, the reduction) is shared
-Python in :mod:`macl_kernels._math` and :mod:`macl_kernels._fused`.
+(backends/triton/operators.py, macl_kernels/_extension_ops.py). Everything per anchor
+(tau, d, V, the reduction) is shared Python in :mod:`macl_kernels._math` and
+:mod:`macl_kernels._fused`.
 """
 
 from __future__ import annotations
