@@ -64,26 +64,12 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 
   for_each_tile<0>(geo, sides, output_chunk, tile, smem, [&](int t, const In* rows, const void*) {
     Acc scale = scale2;  // what turns the tile's values into base-2 logits
-    if (rare(masked_tiles.masked(t) || !(scale2 > Acc(0)))) {
-      // Masked entries (the tile holds an excluded or a missing column) become -inf logits,
-      // whose terms are 0; a scale <= 0 (a negative tau) makes the max logit another
-      // score's than the max score's: both scale the tile here.
-      const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
-#pragma unroll
-      for (int i = 0; i < Tile::kRows; ++i) {
-#pragma unroll
-        for (int j = 0; j < Tile::kCols; ++j) {
-          tile.at(i, j) = mask.masked(i, j) ? negative_infinity<Acc>() : tile.at(i, j) * scale2;
-        }
-      }
-      scale = Acc(1);
+    if (rare(masked_tiles.masked(t) || !(scale2 > Acc(0)))) {  // masked entries, or a tau < 0
+      scale = to_masked_logits(tile, TileMask<Tile>(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols)), scale2);
     }
 #pragma unroll
     for (int i = 0; i < Tile::kRows; ++i) {
-      Acc top = tile.at(i, 0);
-#pragma unroll
-      for (int j = 1; j < Tile::kCols; ++j) top = max(top, tile.at(i, j));
-      const Acc next = max(max2[i], row_max<Tile>(top) * scale);
+      const Acc next = max(max2[i], tile_row_max(tile, i) * scale);
       // A rising max: on a thread's first tiles, then ever more rarely (for scores in random
       // order, a row's k-th tile raises it with probability 1 / k). rare(): the instruction
       // count of tools/cuda_inner_loops.py is that of a tile that raises no row's max.

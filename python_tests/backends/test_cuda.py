@@ -208,6 +208,14 @@ def test_memory_stays_linear_in_the_batch():
     assert torch.cuda.max_memory_allocated() - before < 512 * 2**20  # O(N * D): inputs, normalized copies, grads
 
 
+def rows_near_one_direction(rows, d, dtype, seed):
+    """Unit rows on the GPU scattered around one random direction (near-uniform softmax, gradients in fp16's range)."""
+    g = torch.Generator().manual_seed(seed)
+    center = torch.randn(d, generator=g, dtype=torch.float64)
+    noise = 0.3 * torch.randn(rows, d, generator=g, dtype=torch.float64)
+    return torch.nn.functional.normalize(center + noise).to("cuda", dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["ntxent", "cross"])
 def test_large_batch_weights_do_not_underflow(dtype, layout):
@@ -216,11 +224,8 @@ def test_large_batch_weights_do_not_underflow(dtype, layout):
     # round p times a factor <= 1 and apply the rest in float32 (csrc/lse_math.h; the CPU
     # twin is test_cpp.py::test_fp16_weights_do_not_underflow_at_32k). Rows near one
     # direction keep probabilities near-uniform and the gradients in fp16's normal range.
-    n, d = 32768, 128
-    g = torch.Generator().manual_seed(6)
-    center = torch.randn(d, generator=g, dtype=torch.float64)
-    rows = torch.nn.functional.normalize(center + 0.3 * torch.randn(2 * n, d, generator=g, dtype=torch.float64))
-    rows = rows.to("cuda", dtype)
+    n = 32768
+    rows = rows_near_one_direction(2 * n, 128, dtype, seed=6)
     x, y = (rows, None) if layout == "ntxent" else (rows[:n], rows[n:])
     excluded = layout_exclusions(layout, n, x.device)
     tau = torch.tensor(0.1, device="cuda")
@@ -238,11 +243,9 @@ def test_large_batch_weights_do_not_underflow(dtype, layout):
 def test_product_at_32k_pairs_matches_float64(dtype):
     # cross at N = 32768, D = 128 (the case of issue 11's 2x target): lse and P y against float64,
     # and the gradients the backend takes from them (dx from P y, dy from the column pass alone).
-    n, d = 32768, 128
-    g = torch.Generator().manual_seed(10)
-    center = torch.randn(d, generator=g, dtype=torch.float64)
-    rows = torch.nn.functional.normalize(center + 0.3 * torch.randn(2 * n, d, generator=g, dtype=torch.float64))
-    x, y = rows[:n].to("cuda", dtype), rows[n:].to("cuda", dtype)
+    n = 32768
+    rows = rows_near_one_direction(2 * n, 128, dtype, seed=10)
+    x, y = rows[:n], rows[n:]
     excluded = layout_exclusions("cross", n, x.device)
     tau = torch.tensor(0.1, device="cuda")
     grad_lse = torch.full((n,), 1.0 / n, device="cuda")
@@ -260,11 +263,9 @@ def test_large_batch_column_weights_do_not_underflow_next_to_large_upstream_grad
     # scale (csrc/lse_math.h), so the other anchors' weights p * coef / scale stay above fp16's
     # subnormals; the CPU twin is test_cpp.py::test_fp16_column_weights_do_not_underflow_next_to_large_
     # upstream_gradients, the emulated one test_cuda_emulated.py's.
-    n, d = 32768, 128
-    g = torch.Generator().manual_seed(8)
-    center = torch.randn(d, generator=g, dtype=torch.float64)
-    rows = torch.nn.functional.normalize(center + 0.3 * torch.randn(2 * n, d, generator=g, dtype=torch.float64))
-    x, y = rows[:n].to("cuda", dtype), rows[n:].to("cuda", dtype)
+    n = 32768
+    rows = rows_near_one_direction(2 * n, 128, dtype, seed=8)
+    x, y = rows[:n], rows[n:]
     excluded = layout_exclusions("cross", n, x.device)
     tau = torch.tensor(0.1, device="cuda")
     grad_lse = torch.full((n,), 1.0 / n, device="cuda")
