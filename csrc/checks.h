@@ -39,6 +39,12 @@ inline void check_backward_args(const at::Tensor& grad_lse, const at::Tensor& x,
               "negative_lse_backward: grad_lse and lse must be on the device of x");
 }
 
+// need_dx = false (dx comes from the forward's P y) is for the layouts with candidates:
+// without them dx holds both roles.
+inline void check_need_dx(bool has_y, bool need_dx) {
+  TORCH_CHECK(need_dx || has_y, "negative_lse_backward: need_dx = false needs y (without y, dx holds both roles)");
+}
+
 // Dots, log-sum-exps and gradients accumulate in float32 (float64 inputs: float64).
 inline at::ScalarType accumulation_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;

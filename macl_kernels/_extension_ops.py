@@ -1,11 +1,14 @@
 """The compiled ops of ``csrc/`` as PyTorch sees them: loading, fake kernels, autograd.
 
-``import macl_kernels._C`` registers ``torch.ops.macl_kernels.negative_lse`` and its
-backward (schemas in csrc/ops.cpp, kernels per device). This module adds what lets
-autograd and ``torch.compile`` use them: a fake (meta) kernel per op and the autograd
-formula of the backend contract (:mod:`macl_kernels.backends.base`). When the
-extension is missing, the package still imports and :func:`unavailable_reason` says
-how to build it.
+``import macl_kernels._C`` registers ``torch.ops.macl_kernels.negative_lse``, its
+backward and ``negative_lse_product`` (the lse and ``P y``; schemas in csrc/ops.cpp,
+kernels per device). This module adds what lets autograd and ``torch.compile`` use
+them: a fake (meta) kernel per op and the autograd formula of the backend contract
+(:mod:`macl_kernels.backends.base`). With candidates, when ``dx`` will be needed, the
+forward is the product op: ``dx = (h / tau) P y`` then needs no pass over S and the
+backward kernel computes ``dy`` alone (``need_dx=False``), as the Triton backend does.
+When the extension is missing, the package still imports and
+:func:`unavailable_reason` says how to build it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Optional
 import torch
 
 from ._autograd import once_differentiable, register_autograd
-from ._math import accumulation_dtype
+from ._math import accumulation_dtype, rows_from_product
 
 BUILD_HINT = (
     "the ops compile against the installed torch: build them with `pip install --no-build-isolation .` "
@@ -33,12 +36,20 @@ except (ImportError, OSError) as exc:  # not built, or built against another tor
 
 OP = "macl_kernels::negative_lse"
 BACKWARD_OP = "macl_kernels::negative_lse_backward"
-# Device types with compiled kernels, looked up once (a plain set stays traceable by torch.compile).
-KERNEL_DEVICES = frozenset(
-    device
-    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-    if LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(OP, key)
-)
+PRODUCT_OP = "macl_kernels::negative_lse_product"
+
+
+def _devices_with_kernels(op: str) -> frozenset:
+    """Device types with compiled kernels for ``op``, looked up once (a plain set stays traceable by torch.compile)."""
+    return frozenset(
+        device
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    )
+
+
+KERNEL_DEVICES = _devices_with_kernels(OP)
+PRODUCT_DEVICES = _devices_with_kernels(PRODUCT_OP)
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -51,7 +62,13 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def negative_lse(x: torch.Tensor, y: Optional[torch.Tensor], excluded: torch.Tensor, tau: torch.Tensor):
-    """The backend contract's negatives' log-sum-exp through the compiled op (differentiable)."""
+    """The backend contract's negatives' log-sum-exp through the compiled ops (differentiable).
+
+    With candidates, when ``dx`` will be needed (and the device has the product op), the
+    forward also keeps ``P y`` so that the backward's ``dx`` costs no pass over S.
+    """
+    if y is not None and torch.is_grad_enabled() and x.requires_grad and x.device.type in PRODUCT_DEVICES:
+        return _differentiable_negative_lse_product(x, y, excluded, tau)[0]
     return _differentiable_negative_lse(x, y, excluded, tau)
 
 
@@ -59,9 +76,15 @@ def _fake_negative_lse(x, y, excluded, tau):
     return x.new_empty((x.shape[0],), dtype=accumulation_dtype(x.dtype))
 
 
-def _fake_negative_lse_backward(grad_lse, x, y, excluded, tau, lse, need_dy):
+def _fake_negative_lse_product(x, y, excluded, tau):
+    acc = accumulation_dtype(x.dtype)
+    return x.new_empty((x.shape[0],), dtype=acc), x.new_empty(x.shape, dtype=acc)
+
+
+def _fake_negative_lse_backward(grad_lse, x, y, excluded, tau, lse, need_dy, need_dx=True):
+    dx = torch.empty_like(x) if (need_dx or y is None) else x.new_empty((0,))
     dy = torch.empty_like(y) if (y is not None and need_dy) else x.new_empty((0,))
-    return torch.empty_like(x), dy
+    return dx, dy
 
 
 def _setup_context(ctx, inputs, output):
@@ -79,9 +102,31 @@ def _backward(ctx, grad_lse):
     return dx, (dy if need_dy else None), None, None
 
 
+def _product_setup_context(ctx, inputs, output):
+    x, y, excluded, tau = inputs
+    lse, product = output
+    ctx.mark_non_differentiable(product)
+    ctx.save_for_backward(x, y, excluded, tau, lse, product)
+
+
+@once_differentiable
+def _product_backward(ctx, grad_lse, _grad_product):
+    x, y, excluded, tau, lse, product = ctx.saved_tensors
+    need_dx, need_dy = ctx.needs_input_grad[:2]
+    dx = rows_from_product(lse, product, lse, tau, grad_lse).to(x.dtype) if need_dx else None  # no pass over S
+    dy = None
+    if need_dy:  # the column pass alone
+        _, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, True, False)
+    return dx, dy, None, None
+
+
 if LOAD_ERROR is None:
     torch.library.register_fake(OP)(_fake_negative_lse)
+    torch.library.register_fake(PRODUCT_OP)(_fake_negative_lse_product)
     torch.library.register_fake(BACKWARD_OP)(_fake_negative_lse_backward)
     _differentiable_negative_lse = register_autograd(
         torch.ops.macl_kernels.negative_lse.default, _backward, setup_context=_setup_context
+    )
+    _differentiable_negative_lse_product = register_autograd(
+        torch.ops.macl_kernels.negative_lse_product.default, _product_backward, setup_context=_product_setup_context
     )

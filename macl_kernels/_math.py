@@ -109,6 +109,23 @@ def anchor_loss(d: torch.Tensor, cfg: MACLConfig) -> torch.Tensor:
     return _AnchorLoss.apply(d, cfg.reweight, cfg.eps)
 
 
+def rows_from_product(
+    product_lse: torch.Tensor, product: torch.Tensor, lse: torch.Tensor, tau: torch.Tensor, grad_lse: torch.Tensor
+) -> torch.Tensor:
+    """``dx = E y = (h / tau) P y`` from a forward's ``P y``: no pass over S, in the accumulation dtype.
+
+    The backend contract's row-side gradient (backends/base.py) for the fused forwards that
+    keep ``P y`` (the Triton and compiled backends, layouts with candidates). ``P`` is taken
+    at ``lse``: the product was normalized by its own forward's ``product_lse`` (the same
+    values when both come from one forward), hence the factor ``exp(product_lse - lse)``; a
+    row without negatives (``product_lse = -inf``) gets 0, never NaN.
+    """
+    acc = product.dtype
+    factor = torch.where(torch.isfinite(product_lse), torch.exp(product_lse.to(acc) - lse.to(acc)), 0.0)
+    coef = grad_lse.to(acc) / tau.to(acc) * factor
+    return coef[:, None] * product
+
+
 def reduce_loss(per_anchor: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_anchor.mean()

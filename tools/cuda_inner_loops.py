@@ -4,7 +4,8 @@ Compiles csrc/cuda/negative_lse_kernels.cu to a cubin (device code only, no GPU 
 with -DMACL_CUDA_COMMON_PATH_ONLY and line information, and disassembles it (nvdisasm
 -gi). That build computes every rare path's condition and branches on it, but to a trap
 instead of the path (tile_stream.cuh's rare(): masked tiles, the last partial tile, the
-chunked layout, the forward's repair), so each kernel keeps one loop over streamed tiles,
+chunked layout, the forward's repair, the forward_product's rescale of a row whose running
+max rises: counted is a tile that raises none), so each kernel keeps one loop over streamed tiles,
 the one that holds the barrier and the copies, and its body is what a thread executes per
 tile in the common case. Each loop nested in it counts its body times its trip count at
 the given D, from the function it belongs to (the k loop of add_scores, the gradient
@@ -51,7 +52,8 @@ FORWARD_TILES = {
 
 
 def tile_of(kernel: str, dtype: str) -> Dict[str, int]:
-    """The tile figures of a kernel (negative_lse_forward, ..._rows_grad, ..._cols_grad) for an input type."""
+    """The tile figures of a kernel (negative_lse_forward, ..._forward_product, ..._rows_grad, ..._cols_grad)
+    for an input type: the forward_product has the gradient passes' tile."""
     return {**TILES[dtype], **(FORWARD_TILES.get(dtype, {}) if kernel == "negative_lse_forward" else {})}
 
 
@@ -202,7 +204,7 @@ def census(instructions, tile: Dict[str, int], dim: int, owner) -> Dict[str, flo
     return counts
 
 
-KERNEL = re.compile(r"(negative_lse_(?:forward|rows_grad|cols_grad))<(\w+)>")
+KERNEL = re.compile(r"(negative_lse_(?:forward_product|forward|rows_grad|cols_grad))<(\w+)>")
 
 
 def measure(arch: str, dim: int) -> Dict[Tuple[str, str], Dict[str, float]]:
@@ -226,11 +228,11 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=128, help="embedding width D (default 128)")
     args = parser.parse_args()
     print(f"sm_{args.arch}, D = {args.dim}, resident layout, common path, per thread and streamed tile:")
-    print(f"{'kernel':38} {'instr':>7} {'elems':>5} {'instr/elem':>10} {'MUFU/elem':>9}")
+    print(f"{'kernel':46} {'instr':>7} {'elems':>5} {'instr/elem':>10} {'MUFU/elem':>9}")
     for (kernel, dtype), counts in sorted(measure(args.arch, args.dim).items()):
         elements = counts["elements"]
         print(
-            f"{kernel + '<' + dtype + '>':38} {counts['instructions']:7.0f} {elements:5d} "
+            f"{kernel + '<' + dtype + '>':46} {counts['instructions']:7.0f} {elements:5d} "
             f"{counts['instructions'] / elements:10.1f} {counts['MUFU'] / elements:9.2f}"
         )
     return 0

@@ -315,10 +315,11 @@ MUTANTS = [
     Mutant(
         "extension-ops-negatives-gradient-not-required",
         "macl_kernels/_extension_ops.py",
-        "need_dy = ctx.has_y and ctx.needs_input_grad[1]",
-        "need_dy = ctx.has_y",
+        "if need_dy:  # the column pass alone",
+        "if y is not None:  # the column pass alone",
         (f"{T_CPP}::test_candidates_get_gradient_work_only_when_they_require_a_gradient",),
-        "the kernels compute the gradient of extra negatives that do not require one (thrown away)",
+        "the kernels compute the gradient of extra negatives that do not require one (thrown away); the snippet "
+        "is the product forward's backward, the path of every layout with candidates whose anchors need a gradient",
     ),
     # ---- the C++ CPU kernel (csrc/cpu, csrc/lse_math.h): each one rebuilds the CPU ops ----
     Mutant(
@@ -379,6 +380,36 @@ MUTANTS = [
         (f"{T_EMULATED}::test_matches_float64[float32-cross-n70-d40]",),
         "the exp2 folding: the column pass's lse shift left in base e while the logits are in base 2",
         rebuild=("emulator",),
+    ),
+    Mutant(
+        "cuda-product-without-rescale",
+        "csrc/cuda/forward_product.cuh",
+        "rescale_row<Tile>(i, max2[i], next, sum[i], product);",
+        "",
+        (f"{T_EMULATED}::test_product_matches_float64[float32-cross-n70-d40]",),
+        "the forward with P y: a rising row max leaves the sum and product of the earlier tiles unrescaled",
+        rebuild=("emulator",),
+    ),
+    Mutant(
+        "cuda-product-fixed-shift",
+        "csrc/cuda/forward_product.cuh",
+        "max2[i] = negative_infinity<Acc>();",
+        "max2[i] = scale2;",
+        (f"{T_EMULATED}::test_fp16_product_of_far_apart_rows_at_a_tiny_tau",),
+        "the forward with P y shifted by the logit of a score of 1 (log2(e) / tau) instead of each row's running "
+        "max: at a tiny tau a row's largest fp16 operands fall to fp16's subnormals or 0",
+        rebuild=("emulator",),
+    ),
+    Mutant(
+        "cpu-product-without-rescale",
+        "csrc/cpu/tile_passes.cpp",
+        """      for (int64_t d = 0; d < features; ++d) {
+        out[d] *= factor;
+      }""",
+        "",
+        (f"{T_CPP}::test_product_matches_float64[cross-torch.float32]",),
+        "the CPU forward with P y: a rising row max leaves the product of the earlier column blocks unrescaled",
+        rebuild=("cpu",),
     ),
     Mutant(
         "cuda-ragged-tile-off-by-one",

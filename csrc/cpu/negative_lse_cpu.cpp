@@ -253,6 +253,38 @@ at::Tensor forward(const Problem<T>& p) {
   return lse;
 }
 
+// The forward with P y (candidates given): per block of anchors, the column blocks in order,
+// each tile's logits turned into the online softmax's terms (rounded to the input type as
+// the GPU's product operands) and multiplied with the candidates into the block's running
+// product, which a rising max rescales. One more gemm per tile than the forward; the
+// backward then skips dx's (with dy, the same gemm count in all).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> forward_product(const Problem<T>& p) {
+  const TilePasses<T>& passes = tile_passes<T>();
+  std::vector<T> max(p.rows(), negative_infinity<T>());
+  std::vector<T> sum(p.rows(), T(0));
+  at::Tensor product = at::zeros_like(p.x);
+  run_row_blocks(p, [&](TileWorker<T>& w, int64_t I, int64_t J) {
+    at::Tensor tile = w.logits(I, J);
+    TileWorker<T>::set(tile, w.row_masked(tile), /*restore=*/false);
+    at::Tensor rows = product.narrow(0, w.row0(), tile.size(0));
+    passes.product_weights(tile.data_ptr<T>(), tile.size(0), tile.size(1), tile.size(1), &max[w.row0()],
+                           &sum[w.row0()], rows.data_ptr<T>(), rows.stride(0), rows.size(1), p.rounding);
+    rows.addmm_(tile, p.candidates(J));
+  });
+  at::Tensor lse = at::empty({p.rows()}, p.x.options());
+  T* out = lse.data_ptr<T>();
+  T* rows = product.data_ptr<T>();
+  for (int64_t r = 0; r < p.rows(); ++r) {
+    out[r] = lse_value(max[r], sum[r]);
+    const T inverse = sum[r] > T(0) ? T(1) / sum[r] : T(0);  // no negatives: a zero row
+    for (int64_t d = 0; d < product.size(1); ++d) {
+      rows[r * product.size(1) + d] *= inverse;
+    }
+  }
+  return {lse, product};
+}
+
 // The weight of one logit for anchor a of a view, 0 where a's exclusions mask column
 // `other` (the scalar twin of the vectorized passes, for masked entries).
 template <typename T>
@@ -317,14 +349,14 @@ struct Views {
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> backward(const Problem<T>& p, const at::Tensor& grad_lse, const at::Tensor& lse,
-                                            bool need_dy) {
+                                            bool need_dy, bool need_dx) {
   const TilePasses<T>& passes = tile_passes<T>();
   const Views<T> views(p, grad_lse, lse);
   const WeightView<T> row_view = views.row();
   // Unrounded, the views agree and one tile of weights serves both kinds of product.
   const bool rounded = p.rounding != Rounding::kNone;
   const WeightView<T> column_view = rounded ? views.column() : row_view;
-  at::Tensor dx = at::zeros_like(p.x);
+  at::Tensor dx = need_dx ? at::zeros_like(p.x) : at::Tensor();  // (need_dx is true without y)
   at::Tensor dy = (need_dy && !p.symmetric) ? at::zeros_like(p.y) : at::Tensor();
 
   // The weights of a tile of masked logits (rows I, columns J) for the anchors of I, in `out`.
@@ -350,6 +382,13 @@ std::tuple<at::Tensor, at::Tensor> backward(const Problem<T>& p, const at::Tenso
 
   if (!p.symmetric) {
     auto tile_grads = [&](TileWorker<T>& w, int64_t I, int64_t J) {
+      if (!dx.defined()) {  // dy alone: the column view's weights
+        at::Tensor logits = w.logits(I, J);
+        TileWorker<T>::set(logits, w.row_masked(logits), /*restore=*/false);
+        weights(w, logits, logits, column_view);
+        dy.narrow(0, J * kBlock, Problem<T>::block_size(J, p.cols())).addmm_(logits.t(), p.anchors(I));
+        return;
+      }
       const auto [as_rows, as_columns] = tile_weights(w, I, J, dy.defined());
       dx_of(I).addmm_(as_rows, p.candidates(J));
       if (dy.defined()) {
@@ -358,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const Problem<T>& p, const at::Tenso
     };
     if (dy.defined()) {
       run_rounds(p, bipartite_rounds(blocks_of(p.rows()), blocks_of(p.cols())), tile_grads);
-    } else {
+    } else if (dx.defined()) {
       run_row_blocks(p, tile_grads);
     }
     return {dx, dy};
@@ -429,19 +468,31 @@ at::Tensor negative_lse_cpu(const at::Tensor& x, const std::optional<at::Tensor>
   return forward(make_problem<float>(x, y, excluded_c, tau));
 }
 
+std::tuple<at::Tensor, at::Tensor> negative_lse_product_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                            const at::Tensor& excluded, const at::Tensor& tau) {
+  check_negative_lse_args(x, y, excluded, tau);
+  const at::Tensor excluded_c = excluded.contiguous();
+  if (x.scalar_type() == at::kDouble) {
+    return forward_product(make_problem<double>(x, y, excluded_c, tau));
+  }
+  return forward_product(make_problem<float>(x, y, excluded_c, tau));
+}
+
 std::tuple<at::Tensor, at::Tensor> negative_lse_backward_cpu(const at::Tensor& grad_lse, const at::Tensor& x,
                                                              const std::optional<at::Tensor>& y,
                                                              const at::Tensor& excluded, const at::Tensor& tau,
-                                                             const at::Tensor& lse, bool need_dy) {
+                                                             const at::Tensor& lse, bool need_dy, bool need_dx) {
   check_negative_lse_args(x, y, excluded, tau);
   check_backward_args(grad_lse, x, lse);
+  check_need_dx(y.has_value(), need_dx);
   const at::Tensor excluded_c = excluded.contiguous();
   const at::ScalarType acc = accumulation_type(x.scalar_type());
   const at::Tensor g = grad_lse.to(acc).contiguous();
   const at::Tensor l = lse.to(acc).contiguous();
-  auto [dx, dy] = acc == at::kDouble ? backward(make_problem<double>(x, y, excluded_c, tau), g, l, need_dy)
-                                     : backward(make_problem<float>(x, y, excluded_c, tau), g, l, need_dy);
-  dx = dx.to(x.scalar_type());
+  auto [dx, dy] = acc == at::kDouble
+                      ? backward(make_problem<double>(x, y, excluded_c, tau), g, l, need_dy, need_dx)
+                      : backward(make_problem<float>(x, y, excluded_c, tau), g, l, need_dy, need_dx);
+  dx = dx.defined() ? dx.to(x.scalar_type()) : at::empty({0}, x.options());
   dy = dy.defined() ? dy.to(y->scalar_type()) : at::empty({0}, x.options());
   return {dx, dy};
 }
@@ -451,5 +502,6 @@ std::tuple<at::Tensor, at::Tensor> negative_lse_backward_cpu(const at::Tensor& g
 
 TORCH_LIBRARY_IMPL(macl_kernels, CPU, m) {
   m.impl("negative_lse", &macl::cpu::negative_lse_cpu);
+  m.impl("negative_lse_product", &macl::cpu::negative_lse_product_cpu);
   m.impl("negative_lse_backward", &macl::cpu::negative_lse_backward_cpu);
 }

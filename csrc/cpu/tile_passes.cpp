@@ -163,6 +163,42 @@ void pair_weights_of(const T* tile, T* out, int64_t rows, int64_t cols, int64_t 
   }
 }
 
+template <Rounding R, typename T>
+void product_weights_of(T* tile, int64_t rows, int64_t cols, int64_t ld, T* row_max, T* row_sum, T* product,
+                        int64_t product_ld, int64_t features) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T ninf = negative_infinity<T>();
+  // Lanes past the last column load as -inf: no say in the max, a term of 0.
+  auto load = [&](const T* p, int64_t width) { return width == W ? Vec::loadu(p) : load_partial(p, width, ninf); };
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = tile + i * ld;
+    Vec vmax(ninf);
+    for (int64_t j = 0; j < cols; j += W) {
+      vmax = at::vec::maximum(vmax, load(row + j, std::min<int64_t>(W, cols - j)));
+    }
+    const T next = std::max(row_max[i], horizontal_max(vmax));
+    if (next > row_max[i]) {  // the row's sum and product rescaled to the new max (from -inf: by 0)
+      const T factor = exp_of(row_max[i] - next);
+      row_sum[i] *= factor;
+      T* out = product + i * product_ld;
+      for (int64_t d = 0; d < features; ++d) {
+        out[d] *= factor;
+      }
+      row_max[i] = next;
+    }
+    const Vec shift(next == ninf ? T(0) : next);  // no negative yet: every term is exp(-inf) = 0
+    Vec vsum(T(0));
+    for (int64_t j = 0; j < cols; j += W) {
+      const int64_t width = std::min<int64_t>(W, cols - j);
+      const Vec term = (load(row + j, width) - shift).exp();
+      vsum += term;
+      round_operand<R>(term).store(row + j, width);
+    }
+    row_sum[i] += horizontal_sum(vsum);
+  }
+}
+
 // Runs fn.template operator()<R>() for the rounding of the call (float tiles only round).
 template <typename T, typename Fn>
 void with_rounding(Rounding rounding, const Fn& fn) {
@@ -186,6 +222,14 @@ void weights(const T* tile, T* out, int64_t rows, int64_t cols, int64_t ld, Weig
 }
 
 template <typename T>
+void product_weights(T* tile, int64_t rows, int64_t cols, int64_t ld, T* row_max, T* row_sum, T* product,
+                     int64_t product_ld, int64_t features, Rounding rounding) {
+  with_rounding<T>(rounding, [&](auto r) {
+    product_weights_of<decltype(r)::value>(tile, rows, cols, ld, row_max, row_sum, product, product_ld, features);
+  });
+}
+
+template <typename T>
 void pair_weights(const T* tile, T* out, int64_t rows, int64_t cols, int64_t ld, WeightView<T> rows_view,
                   WeightView<T> cols_view, Rounding rounding) {
   with_rounding<T>(rounding, [&](auto r) {
@@ -197,7 +241,7 @@ void pair_weights(const T* tile, T* out, int64_t rows, int64_t cols, int64_t ld,
 
 template <typename T>
 TilePasses<T> tile_passes() {
-  return TilePasses<T>{&fold_rows<T>, &fold_columns<T>, &weights<T>, &pair_weights<T>};
+  return TilePasses<T>{&fold_rows<T>, &fold_columns<T>, &product_weights<T>, &weights<T>, &pair_weights<T>};
 }
 
 template TilePasses<float> tile_passes<float>();

@@ -33,6 +33,12 @@ struct TilePasses {
   void (*fold_rows)(const T* tile, int64_t rows, int64_t cols, int64_t ld, T* row_max, T* row_sum);
   // Fold each column's logits into the running (max, sum) of that column.
   void (*fold_columns)(const T* tile, int64_t rows, int64_t cols, int64_t ld, T* col_max, T* col_sum);
+  // The forward with P y (online softmax): fold each row's logits into its running (max,
+  // sum) with the new max applied to the tile itself, tile[i][j] = exp(tile[i][j] - max[i])
+  // rounded as the GPU's product operands, after rescaling the row's running product
+  // (`features` values at product + i * product_ld) to that max.
+  void (*product_weights)(T* tile, int64_t rows, int64_t cols, int64_t ld, T* row_max, T* row_sum, T* product,
+                          int64_t product_ld, int64_t features, Rounding rounding);
   // out[i][j] = the weight of tile[i][j] for anchor i of `rows_view` (out may be tile).
   void (*weights)(const T* tile, T* out, int64_t rows, int64_t cols, int64_t ld, WeightView<T> rows_view,
                   Rounding rounding);

@@ -211,6 +211,31 @@ __device__ inline void add_terms(Tile& tile, Acc scale2, Acc shift2, Acc (&sum)[
   }
 }
 
+// For the running maximum: the tile's scores as base-2 logits (times scale2), -inf where
+// `mask` masks them; returns 1, the scale that turns the tile's values into logits now. (For
+// a tile with masked entries, or a scale2 <= 0, which makes the max logit another score's
+// than the max score's; otherwise the logits are the scores times scale2.)
+template <typename Tile, typename Acc>
+__device__ inline Acc to_masked_logits(Tile& tile, const TileMask<Tile>& mask, Acc scale2) {
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < Tile::kCols; ++j) {
+      tile.at(i, j) = mask.masked(i, j) ? negative_infinity<Acc>() : tile.at(i, j) * scale2;
+    }
+  }
+  return Acc(1);
+}
+
+// The largest value of the tile's row i (over the lanes that share the row).
+template <typename Tile>
+__device__ inline auto tile_row_max(Tile& tile, int i) {
+  auto top = tile.at(i, 0);
+#pragma unroll
+  for (int j = 1; j < Tile::kCols; ++j) top = max(top, tile.at(i, j));
+  return row_max<Tile>(top);
+}
+
 // The classic online log-sum-exp (running maximum and sum, base 2) of the owned rows over
 // every streamed tile: the repair of the rows the fixed shift cannot hold; lse[i] for row i.
 template <typename In, typename Tile, typename Acc>
@@ -224,26 +249,13 @@ __device__ void online_lse(const Params<In, Acc>& p, const Geometry<Tile, In>& g
     sum[i] = Acc(0);
   }
   for_each_tile<0>(geo, sides, geo.chunks() - 1, tile, smem, [&](int t, const In*, const void*) {
-    const TileMask<Tile> mask(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols));
     Acc scale = scale2;  // what turns the tile's values into base-2 logits
     if (masked_tiles.masked(t) || !(scale2 > Acc(0))) {
-      // Masked entries (the tile holds an excluded or a missing column), or a scale <= 0
-      // (then the max logit is not the max score times the scale).
-#pragma unroll
-      for (int i = 0; i < Tile::kRows; ++i) {
-#pragma unroll
-        for (int j = 0; j < Tile::kCols; ++j) {
-          tile.at(i, j) = mask.masked(i, j) ? negative_infinity<Acc>() : tile.at(i, j) * scale2;
-        }
-      }
-      scale = Acc(1);
+      scale = to_masked_logits(tile, TileMask<Tile>(exclusions, t * Tile::kStreamed, static_cast<int>(p.cols)), scale2);
     }
 #pragma unroll
     for (int i = 0; i < Tile::kRows; ++i) {
-      Acc top = tile.at(i, 0);
-#pragma unroll
-      for (int j = 1; j < Tile::kCols; ++j) top = max(top, tile.at(i, j));
-      const Acc next = max(max2[i], row_max<Tile>(top) * scale);
+      const Acc next = max(max2[i], tile_row_max(tile, i) * scale);
       const Acc shift = next == negative_infinity<Acc>() ? Acc(0) : next;  // no negative seen yet
       Acc part = Acc(0);
 #pragma unroll

@@ -30,6 +30,12 @@ struct LseArgs {
 // lse (rows values): the negatives' log-sum-exp of each anchor.
 cudaError_t launch_negative_lse(InputType type, const LseArgs& args, void* lse, cudaStream_t stream);
 
+// lse as launch_negative_lse, and P y (rows x dim, contiguous, accumulation type): P[r, c] =
+// exp(x[r].y[c] / tau - lse[r]) on the negative columns, 0 elsewhere (a row without
+// negatives: lse = -inf, a zero row).
+cudaError_t launch_negative_lse_product(InputType type, const LseArgs& args, void* lse, void* product,
+                                        cudaStream_t stream);
+
 // The backward's per-anchor inputs, in the accumulation type, on the device, and its
 // scratch (backward_workspace_bytes(type, rows) bytes, 16-byte aligned).
 struct BackwardArgs {
@@ -43,8 +49,8 @@ struct BackwardArgs {
 
 size_t backward_workspace_bytes(InputType type, int64_t rows);
 
-// dx (rows x dim, contiguous) = E y; then, if dy is not null, dy (cols x dim) = E^T x,
-// or dx += E^T x when dy is dx (y is x), with E[r, c] = grad_lse[r] / tau *
+// dx (rows x dim, contiguous) = E y unless dx is null; then, if dy is not null, dy (cols x
+// dim) = E^T x, or dx += E^T x when dy is dx (y is x), with E[r, c] = grad_lse[r] / tau *
 // exp(x[r].y[c] / tau - lse[r]) on negative columns (lse_math.h's rounding rule for
 // fp16/bf16 inputs).
 cudaError_t launch_negative_lse_backward(InputType type, const LseArgs& args, const BackwardArgs& b, void* dx,

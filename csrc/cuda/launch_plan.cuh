@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "forward_product.cuh"
 #include "kernels.cuh"
 #include "launch.h"
 
@@ -66,6 +67,19 @@ cudaError_t run_forward(Runner& runner, const LseArgs& args, void* lse) {
                        geo.shared_bytes(), p, geo);
 }
 
+// lse and P y (rows x dim): the row pass's tiles and grid (grid.y: product chunks).
+template <typename In, typename Runner>
+cudaError_t run_forward_product(Runner& runner, const LseArgs& args, void* lse, void* product) {
+  using Tile = typename Config<In>::Tile;
+  using Acc = typename Config<In>::Acc;
+  auto p = make_params<In>(args);
+  p.out = static_cast<Acc*>(product);
+  const GeometryOf<In> geo = choose_geometry<In>(args.ld, 0, runner.max_shared());
+  return runner.launch(negative_lse_forward_product<In>,
+                       dim3(blocks(p.rows, Tile::kOwned), static_cast<unsigned int>(geo.output_chunks())),
+                       Tile::kThreads, geo.shared_bytes(), p, geo, static_cast<Acc*>(lse));
+}
+
 template <typename In, typename Runner>
 cudaError_t run_backward(Runner& runner, const LseArgs& args, const BackwardArgs& b, void* dx, void* dy) {
   using Tile = typename Config<In>::Tile;
@@ -77,8 +91,11 @@ cudaError_t run_backward(Runner& runner, const LseArgs& args, const BackwardArgs
   p.out = static_cast<Acc*>(dx);
   GeometryOf<In> geo = choose_geometry<In>(args.ld, 0, runner.max_shared());
   const unsigned int chunks = static_cast<unsigned int>(geo.output_chunks());
-  cudaError_t status = runner.launch(negative_lse_rows_grad<In>, dim3(blocks(p.rows, Tile::kOwned), chunks),
-                                     Tile::kThreads, geo.shared_bytes(), p, geo);
+  cudaError_t status = cudaSuccess;
+  if (dx != nullptr) {  // (null: dx comes from the forward's P y)
+    status = runner.launch(negative_lse_rows_grad<In>, dim3(blocks(p.rows, Tile::kOwned), chunks), Tile::kThreads,
+                           geo.shared_bytes(), p, geo);
+  }
   if (status != cudaSuccess || dy == nullptr || p.cols == 0) {
     return status;
   }
@@ -128,6 +145,21 @@ cudaError_t run_forward(Runner& runner, InputType type, const LseArgs& args, voi
       return run_forward<__half>(runner, args, lse);
     case InputType::kBFloat16:
       return run_forward<__nv_bfloat16>(runner, args, lse);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename Runner>
+cudaError_t run_forward_product(Runner& runner, InputType type, const LseArgs& args, void* lse, void* product) {
+  switch (type) {
+    case InputType::kFloat32:
+      return run_forward_product<float>(runner, args, lse, product);
+    case InputType::kFloat64:
+      return run_forward_product<double>(runner, args, lse, product);
+    case InputType::kFloat16:
+      return run_forward_product<__half>(runner, args, lse, product);
+    case InputType::kBFloat16:
+      return run_forward_product<__nv_bfloat16>(runner, args, lse, product);
   }
   return cudaErrorInvalidValue;
 }

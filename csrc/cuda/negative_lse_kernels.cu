@@ -1,7 +1,7 @@
 // The CUDA kernels of macl_kernels::negative_lse and its backward (backend "cuda"): the
 // entry points of launch.h, which run launch_plan.cuh's kernels (kernels.cuh) on the GPU.
 //
-// Three kernels per input type (fp16 and bf16 on the tensor cores, float32 and float64
+// Four kernels per input type (fp16 and bf16 on the tensor cores, float32 and float64
 // on the CUDA cores), each a CTA that owns a block of rows and streams the other side's
 // rows through shared memory (tile_stream.cuh: 16-byte cp.async copies, two stages),
 // with the scores of one owned block x streamed tile in registers (mma_tile.cuh,
@@ -13,9 +13,17 @@
 //                            across the row's lanes at the end; a CTA with a row whose sum
 //                            the fixed shift cannot hold redoes its rows with the online
 //                            log-sum-exp (running max and sum, base 2).
+//   negative_lse_forward_product  (forward_product.cuh; op negative_lse_product, the layouts
+//                            with candidates when dx will be needed) owns anchors, streams
+//                            the candidates: the lse and P y for one chunk of features
+//                            (grid.y), FlashAttention-2's online softmax (running max and
+//                            sum per row, the product rescaled when the max rises, terms
+//                            <= 1 as the product's operands). The backward's dx is then
+//                            (h / tau) P y: the row pass below does not run (need_dx false).
 //   negative_lse_rows_grad   owns anchors, streams candidates: dx = E y for one chunk of
 //                            gradient features (grid.y), accumulated in registers over the
-//                            whole candidate loop and written once.
+//                            whole candidate loop and written once (ntxent, and candidates
+//                            whose forward kept no P y).
 //   negative_lse_cols_grad   owns candidates, streams anchors: dy = E^T x (or dx += E^T x
 //                            when the candidates are the anchors), likewise.
 //   negative_lse_column_params  (setup, O(rows)) the per-anchor records the column pass
@@ -31,9 +39,10 @@
 // memory: D up to 576 for fp16/bf16 on sm_90, 416 on sm_80; for the forward's 128 owned
 // rows 432 and 304) an iteration is one tile: wait for its copies, issue the next tile's,
 // the scores (add_scores), the kernel's epilogue. Per thread and iteration:
-//   fp16/bf16 (MmaTile)  gradient passes: 64 owned x 64 streamed rows, 4 warps of 16 owned
-//                        rows: 2 rows x 16 columns = 32 score elements per thread. Scores:
-//                        D / 16 steps of 5 ldmatrix.x4 and 8 HMMA.16816; the product adds
+//   fp16/bf16 (MmaTile)  gradient passes and forward_product: 64 owned x 64 streamed rows,
+//                        4 warps of 16 owned rows: 2 rows x 16 columns = 32 score elements
+//                        per thread. Scores: D / 16 steps of 5 ldmatrix.x4 and 8
+//                        HMMA.16816; the product (P y, or the gradient) adds
 //                        32 ldmatrix.x4.trans and 64 HMMA (128 gradient features), and the
 //                        fp16 column pass 64 FFMA (its tile's scale, lse_math.h).
 //                        Forward: 128 x 64, 4 warps of 2 x 16 owned rows: 64 elements per
@@ -43,8 +52,9 @@
 // Nested in it: the k loop of add_scores (two steps per iteration for fp16/bf16), the
 // cp.async copy loop (each streamed row copied by 2 threads for fp16/bf16, 4 copies of 16
 // bytes per iteration: D / 64 iterations), the gradient product of SimtTile. The paths for
-// masked tiles (excluded or missing columns), the chunked layout, the forward's repair and
-// copies left over from whole iterations sit behind tile_stream.cuh's rare();
+// masked tiles (excluded or missing columns), the chunked layout, the forward's repair, the
+// forward_product's rescale of a row whose max rises and copies left over from whole
+// iterations sit behind tile_stream.cuh's rare();
 // tools/cuda_inner_loops.py builds with each rare path replaced by a trap
 // (-DMACL_CUDA_COMMON_PATH_ONLY) and counts instructions per element.
 #include <cuda_runtime.h>
@@ -103,6 +113,12 @@ size_t backward_workspace_bytes(InputType type, int64_t rows) {
 cudaError_t launch_negative_lse(InputType type, const LseArgs& args, void* lse, cudaStream_t stream) {
   CudaRunner runner(stream);
   return run_forward(runner, type, args, lse);
+}
+
+cudaError_t launch_negative_lse_product(InputType type, const LseArgs& args, void* lse, void* product,
+                                        cudaStream_t stream) {
+  CudaRunner runner(stream);
+  return run_forward_product(runner, type, args, lse, product);
 }
 
 cudaError_t launch_negative_lse_backward(InputType type, const LseArgs& args, const BackwardArgs& b, void* dx,

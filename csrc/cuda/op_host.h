@@ -82,23 +82,38 @@ at::Tensor negative_lse_with(const Inputs& in, const Launch& launch) {
   return lse;
 }
 
+// (lse, P y) of the product op; launch(type, args, lse pointer, product pointer) runs
+// launch_negative_lse_product; empty(sizes, options) allocates outputs the kernel writes in full.
+template <typename Launch, typename Empty>
+std::tuple<at::Tensor, at::Tensor> negative_lse_product_with(const Inputs& in, const Launch& launch,
+                                                             const Empty& empty) {
+  const at::TensorOptions acc = in.x.options().dtype(accumulation_type(in.x.scalar_type()));
+  at::Tensor lse = empty({in.args.rows}, acc);
+  at::Tensor product = empty({in.args.rows, in.args.dim}, acc);
+  if (in.args.rows > 0) {
+    launch(in.type, in.args, lse.data_ptr(), product.data_ptr());
+  }
+  return {lse, product};
+}
+
 // (dx, dy) as the op schema says; launch(type, args, backward args, dx, dy) runs
 // launch_negative_lse_backward; empty(sizes, options) allocates outputs the kernels write
 // in full.
 template <typename Launch, typename Empty>
 std::tuple<at::Tensor, at::Tensor> negative_lse_backward_with(const Inputs& in, const at::Tensor& grad_lse,
                                                               const at::Tensor& lse, bool has_y, bool need_dy,
-                                                              at::ScalarType out_type, const Launch& launch,
-                                                              const Empty& empty) {
+                                                              bool need_dx, at::ScalarType out_type,
+                                                              const Launch& launch, const Empty& empty) {
   const at::ScalarType acc = accumulation_type(out_type);
   const at::TensorOptions options = in.x.options().dtype(acc);
   const at::Tensor g = grad_lse.to(acc).contiguous();
   const at::Tensor l = lse.to(acc).contiguous();
   // Gradients in the accumulation type; y = None: dx takes both roles (the column pass adds into it).
-  at::Tensor dx = empty({in.args.rows, in.args.dim}, options);
+  check_need_dx(has_y, need_dx);
+  at::Tensor dx = need_dx ? empty({in.args.rows, in.args.dim}, options) : at::Tensor();
   at::Tensor dy = (has_y && need_dy) ? empty({in.args.cols, in.args.dim}, options) : at::Tensor();
   void* columns_out = has_y ? (dy.defined() ? dy.data_ptr() : nullptr) : dx.data_ptr();
-  if (in.args.rows > 0) {
+  if (in.args.rows > 0 && (dx.defined() || dy.defined())) {
     // On the device, without a synchronization: max |coef| per group of anchors that share
     // a column-view scale (lse_math.h), zeros past the last anchor.
     const int64_t group = column_scale_rows(in.type == InputType::kFloat16, in.args.rows);
@@ -110,11 +125,12 @@ std::tuple<at::Tensor, at::Tensor> negative_lse_backward_with(const Inputs& in, 
         at::empty({static_cast<int64_t>(backward_workspace_bytes(in.type, in.args.rows))}, options.dtype(at::kByte));
     const BackwardArgs b{g.const_data_ptr(), l.const_data_ptr(), max_abs_coef.const_data_ptr(),
                          workspace.data_ptr()};
-    launch(in.type, in.args, b, dx.data_ptr(), columns_out);
+    launch(in.type, in.args, b, dx.defined() ? dx.data_ptr() : nullptr, columns_out);
   } else if (dy.defined()) {
     dy.zero_();  // no anchors: no gradient for the candidates
   }
-  return {dx.to(out_type), dy.defined() ? dy.to(out_type) : at::empty({0}, in.x.options())};
+  const at::Tensor none = at::empty({0}, in.x.options());
+  return {dx.defined() ? dx.to(out_type) : none, dy.defined() ? dy.to(out_type) : none};
 }
 
 }  // namespace macl::cuda

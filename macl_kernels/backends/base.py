@@ -27,11 +27,15 @@ applied after the product; ``p * coef[r] / scale`` for ``dy``, where in fp16 eac
 tile of anchors has its own ``scale`` (its largest ``|h / tau|``, applied after the
 tile's product), so that one large ``h[r]`` cannot push the other anchors' weights
 to 0 (csrc/lse_math.h, issue 11). The tiles are recomputed in the
-backward, never saved: the saved state is ``lse`` (O(M)), and for the Triton
-backend's candidates path (``y`` given) also ``P y`` (M x D, accumulation dtype)
-when ``dx`` will be needed, so that ``dx = (h / tau) P y`` costs no pass over S
-(backends/triton/operators.py). Everything per anchor (tau, d, V, the reduction) is shared
-Python in :mod:`macl_kernels._math` and :mod:`macl_kernels._fused`.
+backward, never saved: the saved state is ``lse`` (O(M)), and for the candidates
+path (``y`` given) of the Triton and compiled (``cpp``, ``cuda``) backends also
+``P y`` (M x D, accumulation dtype, ``P[r, c] = exp(x[r].y[c] / tau - lse[r])`` on
+the negatives) when ``dx`` will be needed: the forward computes it with the lse,
+and ``dx = (h / tau) P y`` (:func:`macl_kernels._math.rows_from_product`) costs no
+pass over S, the backward's only pass being the one for ``dy``
+(backends/triton/operators.py, macl_kernels/_extension_ops.py). Everything per anchor
+(tau, d, V, the reduction) is shared Python in :mod:`macl_kernels._math` and
+:mod:`macl_kernels._fused`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from macl_kernels._layouts import layout_exclusions
+from macl_kernels._math import accumulation_dtype
 from macl_kernels.backends.torch_chunked import TorchBackend
 from macl_kernels.testing import TOLERANCE, assert_rel_close
 
@@ -129,6 +130,42 @@ def outlier_inputs(n: int, d: int, tile_rows: int, outlier: float, device: str =
     excluded = layout_exclusions("cross", n, torch.device(device))
     half = lambda t: t.to(device, torch.float16)  # noqa: E731
     return half(x), half(y), excluded, tau.to(device), grad_lse.to(device)
+
+
+def product_oracle(x, y, excluded, tau, rows: int = 4096) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lse, P y) of the product op in float64: P = the softmax of S / tau over each anchor's
+    negatives (a row without negatives: lse -inf, P y 0), computed `rows` anchors at a time."""
+    x64, y64, tau64 = x.double(), y.double(), tau.double()
+    lse, product = [], []
+    for start in range(0, x.shape[0], rows):
+        logits = x64[start : start + rows] @ y64.T / tau64
+        columns = torch.arange(y.shape[0], device=x.device)
+        table = excluded[start : start + rows].long()
+        negatives = (columns[None, :] != table[:, :1]) & (columns[None, :] != table[:, 1:])
+        logits = logits.masked_fill(~negatives, float("-inf"))
+        block_lse = torch.logsumexp(logits, dim=1)
+        weights = torch.where(negatives, torch.exp(logits - block_lse[:, None]), 0.0).nan_to_num(0.0)
+        lse.append(block_lse)
+        product.append(weights @ y64)
+    return torch.cat(lse), torch.cat(product)
+
+
+def assert_product_matches_oracle(
+    run_product: Callable, inputs, dtype: torch.dtype, what: str, tol: Optional[float] = None
+) -> None:
+    """lse and P y of `run_product` (x, y, excluded, tau) -> (lse, P y) against the float64 oracle."""
+    x, y, excluded, tau, _ = inputs
+    lse, product = run_product(x, y, excluded, tau)
+    expected_lse, expected_product = product_oracle(x, y, excluded, tau)
+    assert lse.dtype == product.dtype == accumulation_dtype(dtype) and product.shape == x.shape
+    assert not torch.isnan(lse).any() and not torch.isnan(product).any(), f"{what}: NaN"
+    finite = torch.isfinite(expected_lse)  # (-inf: a row without negatives)
+    assert torch.equal(lse.double()[~finite], expected_lse[~finite]), f"{what}: lse of rows without negatives"
+    assert_rel_close(lse[finite], expected_lse[finite], 1e-5, f"{what} lse")
+    assert_rel_close(product, expected_product, TOLERANCE[dtype] if tol is None else tol, f"{what} P y")
+
+
+PRODUCT_CASES = [case for case in OP_CASES if case.layout != "ntxent" and not case.symmetric]  # with candidates
 
 
 Op = Callable[..., Tensors]  # (x, y, excluded, tau, grad_lse, need_dy) -> (lse, dx, dy)

@@ -29,7 +29,15 @@ from macl_kernels.testing import (
     peak_rss_mb,
     relative_error,
 )
-from python_tests.backends.op_checks import random_exclusions
+from python_tests.backends.op_checks import (
+    FIXED_SHIFT_CASES,
+    OpCase,
+    assert_product_matches_oracle,
+    fixed_shift_inputs,
+    fixed_shift_tolerance,
+    op_inputs,
+    random_exclusions,
+)
 
 BLOCK = 256  # kBlock of csrc/cpu/negative_lse_cpu.cpp
 CPU = torch.device("cpu")
@@ -90,28 +98,62 @@ def test_op_matches_torch_backend_on_any_exclusions(with_candidates, dtype):
         assert_rel_close(got, expected, 1e-12 if dtype == torch.float64 else 1e-3, name)
 
 
-class _BackwardKernelCalls(TorchDispatchMode):
-    """The need_dy argument of each call of the op's backward kernel run under it."""
+class _KernelCalls(TorchDispatchMode):
+    """The extension's ops run under it: (op name, need_dy, need_dx) of each backward call, the name of the others."""
 
     def __init__(self):
         super().__init__()
-        self.need_dy = []
+        self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket == torch.ops.macl_kernels.negative_lse_backward:
-            self.need_dy.append(args[6])
+            need_dx = args[7] if len(args) > 7 else (kwargs or {}).get("need_dx", True)
+            self.calls.append(("backward", args[6], need_dx))
+        elif func.namespace == "macl_kernels":
+            self.calls.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["cross", "random"])
+def test_product_matches_float64(dtype, layout):
+    # lse and P y of the product op: 600 anchors against 613 candidates, three blocks of 256
+    # columns, so that a row's running max rises from block to block (its sum and product rescaled).
+    case = OpCase(dtype, layout, 600, 24)
+    assert_product_matches_oracle(torch.ops.macl_kernels.negative_lse_product, op_inputs(case), dtype, str(case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", FIXED_SHIFT_CASES)
+def test_product_at_extreme_logits(kind, dtype):
+    # tau = 0.004, rows 40x too long, a negative tau: each row's largest term is 1 whatever its logits.
+    inputs = fixed_shift_inputs(kind, dtype)
+    product = torch.ops.macl_kernels.negative_lse_product
+    assert_product_matches_oracle(product, inputs, dtype, kind, fixed_shift_tolerance(kind, dtype))
 
 
 @pytest.mark.parametrize("bank_requires_grad", [False, True])
 def test_candidates_get_gradient_work_only_when_they_require_a_gradient(bank_requires_grad):
-    # MATH.md section 8: a bank without gradient costs no gradient work (macl_kernels/_extension_ops.py asks for no dy).
+    # MATH.md section 8: a bank without gradient costs no gradient work (macl_kernels/_extension_ops.py asks for no
+    # dy); and dx comes from the forward's P y (negative_lse_product): the backward kernel runs for dy alone.
     z0, z1, bank = make_views(8, 4, seed=3, bank_rows=5)
     bank.requires_grad_(bank_requires_grad)
-    loss = mk.macl_loss(z0.requires_grad_(True), z1, layout="queue", negatives=bank, backend="cpp")
-    with _BackwardKernelCalls() as calls:
+    with _KernelCalls() as forward:
+        loss = mk.macl_loss(z0.requires_grad_(True), z1, layout="queue", negatives=bank, backend="cpp")
+    with _KernelCalls() as backward:
         loss.backward()
-    assert calls.need_dy == [bank_requires_grad]
+    assert forward.calls == ["negative_lse_product"]
+    assert backward.calls == ([("backward", True, False)] if bank_requires_grad else [])
+
+
+def test_without_an_anchor_gradient_the_forward_keeps_no_product():
+    # No dx needed (frozen anchors, or no grad mode): the plain forward, and the backward kernel for dy alone.
+    z0, z1, bank = make_views(8, 4, seed=3, bank_rows=5)
+    with _KernelCalls() as forward:
+        loss = mk.macl_loss(z0, z1, layout="queue", negatives=bank.requires_grad_(True), backend="cpp")
+    with _KernelCalls() as backward:
+        loss.backward()
+    assert forward.calls == ["negative_lse"] and backward.calls == [("backward", True, True)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

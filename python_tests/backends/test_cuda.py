@@ -3,8 +3,9 @@
 The conformance suite runs the loss through it with MACL_TEST_DEVICE=cuda. Here: it
 is built and available; the op on every kind of excluded table and dtype at the edges
 of its tiles, gradient chunks and shared-memory layouts (op_checks.OP_CASES, the cases
-test_cuda_emulated.py runs on the CPU); the loss at tile edges and where many tiles and
-feature chunks meet; agreement with the C++ CPU kernel; bitwise determinism run to run;
+test_cuda_emulated.py runs on the CPU); the forward that keeps P y (PRODUCT_CASES,
+extreme logits, N = 32768); the loss at tile edges and where many tiles and feature
+chunks meet; agreement with the C++ CPU kernel; bitwise determinism run to run;
 opcheck; the current stream without host synchronization; N = 32768; memory.
 """
 
@@ -14,6 +15,7 @@ import torch
 import macl_kernels as mk
 from macl_kernels import _extension_ops
 from macl_kernels._layouts import layout_exclusions
+from macl_kernels._math import rows_from_product
 from macl_kernels.testing import (
     LAYOUTS,
     assert_matches_reference,
@@ -25,9 +27,11 @@ from macl_kernels.testing import (
 from python_tests.backends.op_checks import (
     FIXED_SHIFT_CASES,
     OP_CASES,
+    PRODUCT_CASES,
     OpCase,
     assert_op_matches_float64,
     assert_op_matches_oracle,
+    assert_product_matches_oracle,
     fixed_shift_inputs,
     fixed_shift_tolerance,
     op_inputs,
@@ -42,6 +46,20 @@ def cuda_op(x, y, excluded, tau, grad_lse, need_dy):
     lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
     dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, need_dy)
     return lse, dx, dy
+
+
+def cuda_product(x, y, excluded, tau):
+    """The forward that keeps P y: (lse, P y)."""
+    return torch.ops.macl_kernels.negative_lse_product(x, y, excluded, tau)
+
+
+def cuda_op_with_product(x, y, excluded, tau, grad_lse, need_dy):
+    """The op as the backend runs it with candidates: the product forward, dx = (h / tau) P y, the
+    backward kernel for dy alone (need_dx false)."""
+    lse, product = cuda_product(x, y, excluded, tau)
+    no_dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, need_dy, False)
+    assert no_dx.numel() == 0, "need_dx false: no dx"
+    return lse, rows_from_product(lse, product, lse, tau, grad_lse).to(x.dtype), dy
 
 
 def views(n, d, dtype=torch.float32, seed=0, layout="ntxent", bank_rows=37):
@@ -65,6 +83,21 @@ def test_op_matches_float64(case):
 def test_rows_the_fixed_shift_cannot_hold(kind, dtype):
     inputs = fixed_shift_inputs(kind, dtype, "cuda")
     assert_op_matches_oracle(cuda_op, inputs, dtype, kind, fixed_shift_tolerance(kind, dtype))
+
+
+@pytest.mark.parametrize("case", PRODUCT_CASES, ids=str)
+def test_product_matches_float64(case):
+    # The forward with P y (csrc/cuda/forward_product.cuh) and the gradients the backend takes from it.
+    assert_product_matches_oracle(cuda_product, op_inputs(case, "cuda"), case.dtype, str(case))
+    assert_op_matches_float64(cuda_op_with_product, case, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", FIXED_SHIFT_CASES)
+def test_product_at_extreme_logits(kind, dtype):
+    # The running max keeps each row's largest term at 1: fp16 operands neither overflow nor vanish.
+    inputs = fixed_shift_inputs(kind, dtype, "cuda")
+    assert_product_matches_oracle(cuda_product, inputs, dtype, kind, fixed_shift_tolerance(kind, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
@@ -143,6 +176,10 @@ def test_current_stream_and_no_host_synchronization():
         try:
             lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
             dx, dy = torch.ops.macl_kernels.negative_lse_backward(torch.ones_like(lse), x, y, excluded, tau, lse, True)
+            product_lse, product = cuda_product(x, y, excluded, tau)
+            _, product_dy = torch.ops.macl_kernels.negative_lse_backward(
+                torch.ones_like(lse), x, y, excluded, tau, lse, True, False
+            )
         finally:
             torch.cuda.set_sync_debug_mode(0)
     stream.synchronize()
@@ -150,6 +187,8 @@ def test_current_stream_and_no_host_synchronization():
         torch.ones_like(expected), x, y, excluded, tau, expected, True
     )
     assert torch.equal(lse, expected) and torch.equal(dx, expected_dx) and torch.equal(dy, expected_dy)
+    assert torch.equal(product_dy, dy) and torch.equal(cuda_product(x, y, excluded, tau)[1], product)
+    assert_rel_close(product_lse, lse, 1e-5, "the product forward's lse")
     # ... and those values are right: the torch backend in float64 on the same inputs.
     oracle = op_oracle(x, y, excluded, tau, torch.ones_like(expected))
     for name, got, want in zip(("lse", "dx", "dy"), (lse, dx, dy), oracle):
@@ -169,6 +208,14 @@ def test_memory_stays_linear_in_the_batch():
     assert torch.cuda.max_memory_allocated() - before < 512 * 2**20  # O(N * D): inputs, normalized copies, grads
 
 
+def rows_near_one_direction(rows, d, dtype, seed):
+    """Unit rows on the GPU scattered around one random direction (near-uniform softmax, gradients in fp16's range)."""
+    g = torch.Generator().manual_seed(seed)
+    center = torch.randn(d, generator=g, dtype=torch.float64)
+    noise = 0.3 * torch.randn(rows, d, generator=g, dtype=torch.float64)
+    return torch.nn.functional.normalize(center + noise).to("cuda", dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["ntxent", "cross"])
 def test_large_batch_weights_do_not_underflow(dtype, layout):
@@ -177,11 +224,8 @@ def test_large_batch_weights_do_not_underflow(dtype, layout):
     # round p times a factor <= 1 and apply the rest in float32 (csrc/lse_math.h; the CPU
     # twin is test_cpp.py::test_fp16_weights_do_not_underflow_at_32k). Rows near one
     # direction keep probabilities near-uniform and the gradients in fp16's normal range.
-    n, d = 32768, 128
-    g = torch.Generator().manual_seed(6)
-    center = torch.randn(d, generator=g, dtype=torch.float64)
-    rows = torch.nn.functional.normalize(center + 0.3 * torch.randn(2 * n, d, generator=g, dtype=torch.float64))
-    rows = rows.to("cuda", dtype)
+    n = 32768
+    rows = rows_near_one_direction(2 * n, 128, dtype, seed=6)
     x, y = (rows, None) if layout == "ntxent" else (rows[:n], rows[n:])
     excluded = layout_exclusions(layout, n, x.device)
     tau = torch.tensor(0.1, device="cuda")
@@ -196,17 +240,32 @@ def test_large_batch_weights_do_not_underflow(dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_product_at_32k_pairs_matches_float64(dtype):
+    # cross at N = 32768, D = 128 (the case of issue 11's 2x target): lse and P y against float64,
+    # and the gradients the backend takes from them (dx from P y, dy from the column pass alone).
+    n = 32768
+    rows = rows_near_one_direction(2 * n, 128, dtype, seed=10)
+    x, y = rows[:n], rows[n:]
+    excluded = layout_exclusions("cross", n, x.device)
+    tau = torch.tensor(0.1, device="cuda")
+    grad_lse = torch.full((n,), 1.0 / n, device="cuda")
+    assert_product_matches_oracle(cuda_product, (x, y, excluded, tau, grad_lse), dtype, f"{dtype} cross 32k")
+    lse, dx, dy = cuda_op_with_product(x, y, excluded, tau, grad_lse, True)
+    oracle = op_oracle(x, y, excluded, tau, grad_lse)
+    assert_rel_close(dx, oracle[1], 1e-2, "dx")
+    assert_rel_close(dy, oracle[2], 1e-2, "dy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_large_batch_column_weights_do_not_underflow_next_to_large_upstream_gradients(dtype):
     # Issue 11 through the column pass (dy = E^T x): one anchor's upstream gradient 1e5 times the
     # others', another's 1e3 times, in different tiles. In fp16 each tile of 64 anchors has its own
     # scale (csrc/lse_math.h), so the other anchors' weights p * coef / scale stay above fp16's
     # subnormals; the CPU twin is test_cpp.py::test_fp16_column_weights_do_not_underflow_next_to_large_
     # upstream_gradients, the emulated one test_cuda_emulated.py's.
-    n, d = 32768, 128
-    g = torch.Generator().manual_seed(8)
-    center = torch.randn(d, generator=g, dtype=torch.float64)
-    rows = torch.nn.functional.normalize(center + 0.3 * torch.randn(2 * n, d, generator=g, dtype=torch.float64))
-    x, y = rows[:n].to("cuda", dtype), rows[n:].to("cuda", dtype)
+    n = 32768
+    rows = rows_near_one_direction(2 * n, 128, dtype, seed=8)
+    x, y = rows[:n], rows[n:]
     excluded = layout_exclusions("cross", n, x.device)
     tau = torch.tensor(0.1, device="cuda")
     grad_lse = torch.full((n,), 1.0 / n, device="cuda")

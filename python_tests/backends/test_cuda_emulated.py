@@ -10,14 +10,17 @@ the emulator shares with the kernels (test_cuda.py checks the same cases on a GP
 import pytest
 import torch
 
+from macl_kernels._math import rows_from_product
 from macl_kernels.testing import assert_rel_close
 from python_tests.backends import cuda_emulation
 from python_tests.backends.op_checks import (
     FIXED_SHIFT_CASES,
     OP_CASES,
+    PRODUCT_CASES,
     OpCase,
     assert_op_matches_float64,
     assert_op_matches_oracle,
+    assert_product_matches_oracle,
     fixed_shift_inputs,
     fixed_shift_tolerance,
     op_inputs,
@@ -37,8 +40,32 @@ def emulated(shared_limit=UNLIMITED, immediate_copies=False):
 
     def run(x, y, excluded, tau, grad_lse, need_dy):
         lse = emu.negative_lse(x, y, excluded, tau, shared_limit, immediate_copies)
-        dx, dy = emu.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, need_dy, shared_limit, immediate_copies)
+        dx, dy = emu.negative_lse_backward(
+            grad_lse, x, y, excluded, tau, lse, need_dy, True, shared_limit, immediate_copies
+        )
         return lse, dx, dy
+
+    return run
+
+
+def emulated_product(shared_limit=UNLIMITED, immediate_copies=False):
+    """The product op, (x, y, excluded, tau) -> (lse, P y), through the emulator."""
+    emu = cuda_emulation.load()
+    return lambda x, y, excluded, tau: emu.negative_lse_product(x, y, excluded, tau, shared_limit, immediate_copies)
+
+
+def emulated_with_product(shared_limit=UNLIMITED, immediate_copies=False):
+    """The op as the backend runs it with candidates (macl_kernels/_extension_ops.py): the product
+    forward, dx from P y, and the backward kernel for dy alone (need_dx false)."""
+    emu = cuda_emulation.load()
+
+    def run(x, y, excluded, tau, grad_lse, need_dy):
+        lse, product = emu.negative_lse_product(x, y, excluded, tau, shared_limit, immediate_copies)
+        no_dx, dy = emu.negative_lse_backward(
+            grad_lse, x, y, excluded, tau, lse, need_dy, False, shared_limit, immediate_copies
+        )
+        assert no_dx.numel() == 0, "need_dx false: no dx"
+        return lse, rows_from_product(lse, product, lse, tau, grad_lse).to(x.dtype), dy
 
     return run
 
@@ -71,6 +98,84 @@ def test_copies_landing_at_once(dtype):
     # Copies that land as soon as issued: a stage still being read would be overwritten.
     for limit in (UNLIMITED, SM86):
         assert_op_matches_float64(emulated(limit, immediate_copies=True), OpCase(dtype, "ntxent", 40, 300))
+
+
+@pytest.mark.parametrize("case", PRODUCT_CASES, ids=str)
+def test_product_matches_float64(case):
+    # lse and P y against the float64 softmax; then the gradients as the backend takes them from
+    # them (dx = (h / tau) P y, dy from the column pass alone).
+    assert_product_matches_oracle(emulated_product(), op_inputs(case), case.dtype, str(case))
+    assert_op_matches_float64(emulated_with_product(), case)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_product_in_the_chunked_layout(dtype):
+    # D = 300 on a 99 KiB device: each CTA's product chunk is summed last, from the chunk in shared memory.
+    assert not cuda_emulation.load().resident_layout(dtype, 300, SM86)
+    case = OpCase(dtype, "cross", 40, 300)
+    assert_product_matches_oracle(emulated_product(SM86), op_inputs(case), dtype, str(case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_product_with_copies_landing_at_once(dtype):
+    case = OpCase(dtype, "cross", 40, 300)
+    for limit in (UNLIMITED, SM86):
+        assert_product_matches_oracle(emulated_product(limit, immediate_copies=True), op_inputs(case), dtype, str(case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", FIXED_SHIFT_CASES)
+def test_product_where_a_fixed_shift_would_fail(kind, dtype):
+    # tau = 0.004 (logits spread over hundreds), rows 40x too long, a negative tau: the running
+    # max keeps each row's largest term at 1, so fp16 operands neither overflow nor vanish.
+    inputs = fixed_shift_inputs(kind, dtype)
+    assert_product_matches_oracle(emulated_product(), inputs, dtype, kind, fixed_shift_tolerance(kind, dtype))
+
+
+def test_fp16_product_of_far_apart_rows_at_a_tiny_tau():
+    # Each anchor's candidates in the first tiles lie far from it (scores near -1), its nearest ones
+    # come last: with tau = 0.01 the first tiles' terms are ~e^-200 of the final max. Only a max that
+    # follows each tile (and rescales what came before) leaves fp16 operands <= 1 that are exact
+    # where it matters; a shift fixed by the first tile would overflow fp16 on the later ones.
+    g = torch.Generator().manual_seed(12)
+    n, d = 70, 32
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    far = torch.nn.functional.normalize(-x[:, None, :] + 0.3 * torch.randn(n, 2, d, generator=g), dim=2)
+    near = torch.nn.functional.normalize(x[:, None, :] + 0.6 * torch.randn(n, 1, d, generator=g), dim=2)
+    y = torch.cat([far.reshape(-1, d), near.reshape(-1, d)])  # 140 far rows (3 tiles), then 70 near ones
+    excluded = torch.full((n, 2), -1, dtype=torch.int32)
+    tau = torch.tensor(0.01)
+    inputs = (x.half(), y.half(), excluded, tau, torch.ones(n))
+    assert_product_matches_oracle(emulated_product(), inputs, torch.float16, "far apart")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_product_rows_without_negatives(dtype):
+    # Rows whose only candidates are excluded: lse = -inf and P y = 0, never NaN; and no candidates.
+    x, y, excluded, tau, grad_lse = op_inputs(OpCase(dtype, "cross", 70, 24), seed=4)
+    y = y[:2]
+    excluded[:, :] = -1
+    excluded[::3] = torch.tensor([0, 1], dtype=torch.int32)  # every third anchor excludes both candidates
+    lse, product = emulated_product()(x, y, excluded, tau)
+    assert torch.isinf(lse[::3]).all() and (lse[::3] < 0).all() and (product[::3] == 0).all()
+    assert_product_matches_oracle(emulated_product(), (x, y, excluded, tau, grad_lse), dtype, "no negatives")
+    lse, product = emulated_product()(x, y[:0], excluded.fill_(-1), tau)
+    assert torch.isinf(lse).all() and (lse < 0).all() and (product == 0).all() and product.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_backward_without_dx(dtype):
+    # need_dx false: no dx at all (the rows pass does not run), and the same dy, bit for bit.
+    emu = cuda_emulation.load()
+    x, y, excluded, tau, grad_lse = op_inputs(OpCase(dtype, "cross", 70, 40))
+    lse = emu.negative_lse(x, y, excluded, tau, UNLIMITED, False)
+    dx, dy = emu.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, True, True, UNLIMITED, False)
+    no_dx, same_dy = emu.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, True, False, UNLIMITED, False)
+    assert dx.shape == x.shape and no_dx.numel() == 0 and torch.equal(dy, same_dy)
+    nothing = emu.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, False, False, UNLIMITED, False)
+    assert all(t.numel() == 0 for t in nothing)
+    with pytest.raises(RuntimeError, match="need_dx"):
+        emu.negative_lse_backward(grad_lse, x, None, excluded, tau, lse, False, False, UNLIMITED, False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

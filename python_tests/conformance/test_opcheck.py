@@ -43,16 +43,19 @@ def _shared_inputs(dtype: torch.dtype):
 
 
 def extension_cases(dtype: torch.dtype) -> OpCases:
-    """The C++/CUDA extension's two ops (csrc/ops.cpp): ``cpp`` and ``cuda`` differ by the inputs' device."""
+    """The C++/CUDA extension's ops (csrc/ops.cpp): ``cpp`` and ``cuda`` differ by the inputs' device."""
     x, y, cross, ntxent, tau, upstream = _shared_inputs(dtype)
     forward = torch.ops.macl_kernels.negative_lse.default
+    product = torch.ops.macl_kernels.negative_lse_product.default
     backward = torch.ops.macl_kernels.negative_lse_backward.default
     lse_cross, lse_ntxent = forward(x, y, cross, tau), forward(x, None, ntxent, tau)
     return {
         "negative_lse with candidates": (forward, (_leaf(x), _leaf(y), cross, tau)),
         "negative_lse ntxent": (forward, (_leaf(x), None, ntxent, tau)),
+        "negative_lse_product": (product, (_leaf(x), _leaf(y), cross, tau)),
         "negative_lse_backward with candidates": (backward, (upstream, x, y, cross, tau, lse_cross, True)),
         "negative_lse_backward without dy": (backward, (upstream, x, y, cross, tau, lse_cross, False)),
+        "negative_lse_backward without dx": (backward, (upstream, x, y, cross, tau, lse_cross, True, False)),
         "negative_lse_backward ntxent": (backward, (upstream, x, None, ntxent, tau, lse_ntxent, False)),
     }
 

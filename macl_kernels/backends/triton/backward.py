@@ -483,17 +483,3 @@ def backward_columns(
 ) -> torch.Tensor:
     """``E^T x`` in the candidates' dtype."""
     return Launch.run_all(columns_launches(x, y, excluded, tau, lse, grad_lse, tf32))
-
-
-def rows_from_product(
-    product_lse: torch.Tensor, product: torch.Tensor, lse: torch.Tensor, tau: torch.Tensor, grad_lse: torch.Tensor
-) -> torch.Tensor:
-    """``dx = E y = (h / tau) P y`` from a forward's ``P y``: no pass over S, in the accumulation dtype.
-
-    ``P`` is taken at ``lse``: the product was normalized by its own forward's ``product_lse``
-    (the same values when both come from one forward), hence the factor ``exp(product_lse - lse)``.
-    """
-    acc = product.dtype
-    factor = torch.where(torch.isfinite(product_lse), torch.exp(product_lse.to(acc) - lse.to(acc)), 0.0)
-    coef = grad_lse.to(acc) / tau.to(acc) * factor
-    return coef[:, None] * product

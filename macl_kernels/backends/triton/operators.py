@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..._autograd import once_differentiable, register_autograd
-from ..._math import accumulation_dtype
+from ..._math import accumulation_dtype, rows_from_product
 from . import backward, forward, prologue
 from .configs import INTERPRET
 
@@ -121,13 +121,13 @@ def _negative_lse_rows(
         return backward.backward_rows(x, excluded, tau, lse, grad_lse, tf32)
     # E y = (h / tau) P y, P y recomputed by the forward (the kernel that keeps it for the product op).
     product_lse, product = forward.negative_lse_product_forward(x, y, excluded, tau, tf32)
-    return backward.rows_from_product(product_lse, product, lse, tau, grad_lse).to(x.dtype)
+    return rows_from_product(product_lse, product, lse, tau, grad_lse).to(x.dtype)
 
 
 def _negative_lse_product_rows(
     x: torch.Tensor, lse: torch.Tensor, product: torch.Tensor, tau: torch.Tensor, grad_lse: torch.Tensor
 ) -> torch.Tensor:
-    return backward.rows_from_product(lse, product, lse, tau, grad_lse).to(x.dtype)
+    return rows_from_product(lse, product, lse, tau, grad_lse).to(x.dtype)
 
 
 def _negative_lse_columns(

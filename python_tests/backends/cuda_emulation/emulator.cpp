@@ -408,15 +408,31 @@ at::Tensor negative_lse(const at::Tensor& x, const std::optional<at::Tensor>& y,
                            });
 }
 
+std::tuple<at::Tensor, at::Tensor> negative_lse_product(const at::Tensor& x, const at::Tensor& y,
+                                                        const at::Tensor& excluded, const at::Tensor& tau,
+                                                        int64_t shared_limit, bool immediate_copies) {
+  EmulatedRunner runner{static_cast<int>(shared_limit), immediate_copies};
+  return negative_lse_product_with(
+      Inputs(x, y, excluded, tau, &padded_features),
+      [&](InputType type, const LseArgs& args, void* lse, void* product) {
+        check(run_forward_product(runner, type, args, lse, product));
+      },
+      [](at::IntArrayRef sizes, const at::TensorOptions& options) {
+        return at::full(sizes, std::nan(""), options);  // every element must be written
+      });
+}
+
 std::tuple<at::Tensor, at::Tensor> negative_lse_backward(const at::Tensor& grad_lse, const at::Tensor& x,
                                                          const std::optional<at::Tensor>& y,
                                                          const at::Tensor& excluded, const at::Tensor& tau,
-                                                         const at::Tensor& lse, bool need_dy, int64_t shared_limit,
-                                                         bool immediate_copies) {
+                                                         const at::Tensor& lse, bool need_dy, bool need_dx,
+                                                         int64_t shared_limit, bool immediate_copies) {
   EmulatedRunner runner{static_cast<int>(shared_limit), immediate_copies};
   check_backward_args(grad_lse, x, lse);
+  check_need_dx(y.has_value(), need_dx);
   return negative_lse_backward_with(
-      Inputs(x, y, excluded, tau, &padded_features), grad_lse, lse, y.has_value(), need_dy, x.scalar_type(),
+      Inputs(x, y, excluded, tau, &padded_features), grad_lse, lse, y.has_value(), need_dy, need_dx,
+      x.scalar_type(),
       [&](InputType type, const LseArgs& args, const BackwardArgs& b, void* dx, void* dy) {
         check(run_backward(runner, type, args, b, dx, dy));
       },
@@ -446,6 +462,7 @@ bool resident_layout(at::ScalarType dtype, int64_t dim, int64_t shared_limit) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("negative_lse", &macl::cuda::negative_lse);
+  m.def("negative_lse_product", &macl::cuda::negative_lse_product);
   m.def("negative_lse_backward", &macl::cuda::negative_lse_backward);
   m.def("resident_layout", &macl::cuda::resident_layout);
 }
