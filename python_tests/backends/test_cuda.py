@@ -28,10 +28,14 @@ from python_tests.backends.op_checks import (
     OpCase,
     assert_op_matches_float64,
     assert_op_matches_oracle,
+    asymmetric_inputs,
     fixed_shift_inputs,
     fixed_shift_tolerance,
+    no_negatives_inputs,
     op_inputs,
     op_oracle,
+    outlier_inputs,
+    wide_spread_inputs,
 )
 
 pytestmark = pytest.mark.gpu
@@ -67,7 +71,49 @@ def test_rows_the_fixed_shift_cannot_hold(kind, dtype):
     assert_op_matches_oracle(cuda_op, inputs, dtype, kind, fixed_shift_tolerance(kind, dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_symmetric_pass_with_an_asymmetric_table(dtype):
+    # y None (csrc/cuda/symmetric_grad.cuh): E[i, j] dropped where anchor i excludes j, E[j, i] where
+    # anchor j excludes i, for a table no anchor mirrors (test_cuda_emulated.py's twin).
+    assert_op_matches_oracle(cuda_op, asymmetric_inputs(dtype, "cuda"), dtype, "asymmetric")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_symmetric_pass_with_lse_spread_too_wide_for_one_shift(dtype):
+    # tau = 0.004: the two-exp formula of the symmetric pass writes dx (test_cuda_emulated.py's twin).
+    inputs = wide_spread_inputs(dtype, "cuda")
+    lse2 = op_oracle(*inputs)[0] * 1.4426950408889634
+    assert lse2.max() - lse2.min() > 96
+    assert_op_matches_oracle(cuda_op, inputs, dtype, "wide spread", 5e-5 if dtype == torch.float32 else None)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_symmetric_pass_with_rows_without_negatives(dtype):
+    # y None, anchor 0 without negatives (lse -inf), overflowing exps on the entries masked both ways.
+    x, y, excluded, tau, grad_lse = no_negatives_inputs(dtype, torch.tensor([[0, 1], [1, -1]]), "cuda")
+    lse, dx, _ = cuda_op(x, y, excluded, tau, grad_lse, False)
+    expected_lse, expected_dx, _ = op_oracle(x, y, excluded, tau, grad_lse)
+    assert torch.isinf(lse[0]) and lse[0] < 0
+    assert_rel_close(lse[1:], expected_lse[1:], 1e-5, "lse")
+    assert_rel_close(dx, expected_dx, 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5, "dx")
+    x, y, excluded, tau, grad_lse = no_negatives_inputs(dtype, torch.tensor([[0, 1], [1, 0]]), "cuda")
+    lse, dx, _ = cuda_op(x, y, excluded, tau, grad_lse, False)
+    assert torch.isinf(lse).all() and (lse < 0).all() and (dx == 0).all()
+
+
+def test_fp16_symmetric_weights_do_not_underflow_next_to_a_large_upstream_gradient():
+    # test_cuda_emulated.py's case on the GPU (the symmetric pass's per-row, per-tile fp16 scales).
+    x, y, excluded, tau, grad_lse = outlier_inputs(64, 40, 64, 1e5, "cuda", layout="ntxent")
+    lse, dx, _ = cuda_op(x, y, excluded, tau, grad_lse, False)
+    expected = op_oracle(x, y, excluded, tau, grad_lse)
+    assert_rel_close(lse, expected[0], 1e-5, "lse")
+    assert_rel_close(dx, expected[1], 1e-2, "dx")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["ntxent", "cross", "random"])
 def test_op_bitwise_deterministic(dtype, layout):
     # Several CTAs per SM and many tiles; the op twice on the same inputs gives the same bits.
@@ -196,27 +242,35 @@ def test_large_batch_weights_do_not_underflow(dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_large_batch_column_weights_do_not_underflow_next_to_large_upstream_gradients(dtype):
-    # Issue 11 through the column pass (dy = E^T x): one anchor's upstream gradient 1e5 times the
-    # others', another's 1e3 times, in different tiles. In fp16 each tile of 64 anchors has its own
-    # scale (csrc/lse_math.h), so the other anchors' weights p * coef / scale stay above fp16's
-    # subnormals; the CPU twin is test_cpp.py::test_fp16_column_weights_do_not_underflow_next_to_large_
-    # upstream_gradients, the emulated one test_cuda_emulated.py's.
+@pytest.mark.parametrize("layout", ["cross", "ntxent"])
+def test_large_batch_column_weights_do_not_underflow_next_to_large_upstream_gradients(dtype, layout):
+    # Issue 11 through the column pass (cross: dy = E^T x) and the symmetric pass (ntxent: dx =
+    # (E + E^T) x): one anchor's upstream gradient 1e5 times the others', another's 1e3 times, in
+    # different tiles. In fp16 each tile of 64 anchors (and in the symmetric pass each output row
+    # with it) has its own scale (csrc/lse_math.h), so the other anchors' weights p * coef / scale
+    # stay above fp16's subnormals; the CPU twin is test_cpp.py::test_fp16_column_weights_do_not_
+    # underflow_next_to_large_upstream_gradients, the emulated ones test_cuda_emulated.py's.
     n, d = 32768, 128
     g = torch.Generator().manual_seed(8)
     center = torch.randn(d, generator=g, dtype=torch.float64)
     rows = torch.nn.functional.normalize(center + 0.3 * torch.randn(2 * n, d, generator=g, dtype=torch.float64))
-    x, y = rows[:n].to("cuda", dtype), rows[n:].to("cuda", dtype)
-    excluded = layout_exclusions("cross", n, x.device)
+    x, y = (
+        (rows.to("cuda", dtype), None)
+        if layout == "ntxent"
+        else (rows[:n].to("cuda", dtype), rows[n:].to("cuda", dtype))
+    )
+    excluded = layout_exclusions(layout, n, x.device)
     tau = torch.tensor(0.1, device="cuda")
-    grad_lse = torch.full((n,), 1.0 / n, device="cuda")
-    grad_lse[n // 3] *= 1e5
-    grad_lse[2 * n // 3] *= 1e3
+    m = x.shape[0]
+    grad_lse = torch.full((m,), 1.0 / m, device="cuda")
+    grad_lse[m // 3] *= 1e5
+    grad_lse[2 * m // 3] *= 1e3
     lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
-    dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, True)
+    dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, y is not None)
     oracle = op_oracle(x, y, excluded, tau, grad_lse)
     assert_rel_close(dx, oracle[1], 1e-2, "dx")
-    assert_rel_close(dy, oracle[2], 1e-2, "dy")
+    if y is not None:
+        assert_rel_close(dy, oracle[2], 1e-2, "dy")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
