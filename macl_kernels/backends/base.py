@@ -26,7 +26,10 @@ subnormals at large M): ``p = exp(...) <= 1`` for ``dx``, with ``h[r] / tau``
 applied after the product; ``p * coef[r] / scale`` for ``dy``, where in fp16 each
 tile of anchors has its own ``scale`` (its largest ``|h / tau|``, applied after the
 tile's product), so that one large ``h[r]`` cannot push the other anchors' weights
-to 0 (csrc/lse_math.h, issue 11). The tiles are recomputed in the
+to 0 (csrc/lse_math.h, issue 11). Without ``y`` (the anchors are their own
+candidates) the CUDA and Triton kernels write ``dx = (E + E^T) x`` in one pass,
+each operand ``(E[r, c] + E[c, r]) / scale`` from one score (lse_math.h's
+symmetric view; in fp16 a scale per output row and tile of anchors). The tiles are recomputed in the
 backward, never saved: the saved state is ``lse`` (O(M)), and for the Triton
 backend's candidates path (``y`` given) also ``P y`` (M x D, accumulation dtype)
 when ``dx`` will be needed, so that ``dx = (h / tau) P y`` costs no pass over S
