@@ -367,6 +367,30 @@ __device__ inline void clear_masked(Tile& tile, const Masked& masked) {
   }
 }
 
+// Writes the gradient product of the CTA's owned rows [owned0, owned0 + kOwned) (those
+// below n_owned) for features [d0, d0 + kChunk) (those below dim) to out (rows of dim
+// values), times after(i) for the thread's row i: each (row, feature) has exactly this one
+// writer.
+template <typename Tile, typename Acc, typename After>
+__device__ inline void store_product(typename Tile::Product& product, const After& after, Acc* out, int64_t owned0,
+                                     int64_t n_owned, int64_t dim, int64_t d0) {
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
+    const int64_t row = owned0 + Tile::row(i);
+    if (row >= n_owned) {
+      continue;
+    }
+    Acc* out_row = out + row * dim + d0;
+#pragma unroll
+    for (int d = 0; d < Tile::Product::kFeatures; ++d) {
+      const int feature = Tile::Product::feature(d);
+      if (d0 + feature < dim) {
+        out_row[feature] = after(i) * product.at(i, d);
+      }
+    }
+  }
+}
+
 // The row pass (kColumns = false: owns anchors, streams candidates, out = dx = E y) and
 // the column pass (owns candidates, streams anchors, out = dy = E^T x), for the candidates
 // given as y (symmetric_grad.cuh's one pass takes y = None),
@@ -431,7 +455,8 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
       set_weights<Operand>(
           tile, scale2, [&](int, int j) { return anchors[Tile::col(j)].shift2; },
           [&](int, int j) { return anchors[Tile::col(j)].factor; });
-      if (rare(__any_sync(0xffffffffu, excludes_owned<Tile>(anchors, owned0)))) {  // an anchor of the tile excludes a candidate of the CTA
+      // An anchor of the tile excludes a candidate of the CTA:
+      if (rare(__any_sync(0xffffffffu, excludes_owned<Tile>(anchors, owned0)))) {
         clear_masked(tile, [&](int i, int j) {
           const int32_t* e = anchors[Tile::col(j)].excluded;
           return is_excluded(owned0 + Tile::row(i), e[0], e[1]);
@@ -445,24 +470,7 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
     });
   }
 
-  // Each (row, feature) of the output has exactly this one writer.
-  const int64_t n_owned = kColumns ? p.cols : p.rows;
-#pragma unroll
-  for (int i = 0; i < Tile::kRows; ++i) {
-    const int64_t row = owned0 + Tile::row(i);
-    if (row >= n_owned) {
-      continue;
-    }
-    Acc* out = p.out + row * p.dim + d0;
-#pragma unroll
-    for (int d = 0; d < Tile::Product::kFeatures; ++d) {
-      const int feature = Tile::Product::feature(d);
-      if (d0 + feature < p.dim) {
-        const Acc value = after[i] * product.at(i, d);
-        out[feature] = value;
-      }
-    }
-  }
+  store_product<Tile>(product, [&](int i) { return after[i]; }, p.out, owned0, kColumns ? p.cols : p.rows, p.dim, d0);
 }
 
 template <typename In>

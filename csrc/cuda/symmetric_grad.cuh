@@ -113,8 +113,7 @@ __device__ void symmetric_pass(const Params<In, typename Config<In>::Acc>& p,
     own_inverse[i] = weight_scale / own_abs_coef[i];
   }
   const Sides<In> sides{p.x, rows, static_cast<int>(owned0), p.x, rows, p.column_params};
-  constexpr int kRecordBytes = sizeof(Record);
-  for_each_tile<kRecordBytes>(geo, sides, output_chunk, tile, smem, [&](int t, const In* streamed, const void* records) {
+  auto on_tile = [&](int t, const In* streamed, const void* records) {
     const Record* anchors = static_cast<const Record*>(records);
     // Per output row: the factor that puts its operands in their scale (fp16: weight_scale /
     // its tile scale; else 1) and its own term times it.
@@ -167,25 +166,11 @@ __device__ void symmetric_pass(const Params<In, typename Config<In>::Acc>& p,
     } else {
       product.add(tile, streamed, geo.stride());
     }
-  });
+  };
+  for_each_tile<sizeof(Record)>(geo, sides, output_chunk, tile, smem, on_tile);
 
-  // Each (row, feature) of dx has exactly this one writer.
-  const Acc after = kTileScales ? Acc(1) : weight_scale;
-#pragma unroll
-  for (int i = 0; i < Tile::kRows; ++i) {
-    const int64_t row = owned0 + Tile::row(i);
-    if (row >= p.rows) {
-      continue;
-    }
-    Acc* out = p.out + row * p.dim + d0;
-#pragma unroll
-    for (int d = 0; d < Tile::Product::kFeatures; ++d) {
-      const int feature = Tile::Product::feature(d);
-      if (d0 + feature < p.dim) {
-        out[feature] = after * product.at(i, d);
-      }
-    }
-  }
+  const Acc after = kTileScales ? Acc(1) : weight_scale;  // (fp16: each tile's scale applied as it was added)
+  store_product<Tile>(product, [&](int) { return after; }, p.out, owned0, p.rows, p.dim, d0);
 }
 
 template <typename In, bool kOneExp>

@@ -5,6 +5,7 @@ oracle, and the cases that reach every edge of the CUDA kernels' tiles.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -170,6 +171,40 @@ def wide_spread_inputs(dtype: torch.dtype, device: str = "cpu"):
     x, y, excluded, _, grad_lse = op_inputs(OpCase(dtype, "ntxent", 200, 19), device, seed=5)
     tau = torch.tensor(0.004, dtype=grad_lse.dtype, device=device)
     return x, y, excluded, tau, grad_lse
+
+
+def assert_wide_spread_matches_oracle(run: "Op", dtype: torch.dtype, device: str = "cpu") -> None:
+    """`run` on wide_spread_inputs against the float64 oracle, after checking that their spread of
+    lse log2(e) is over 96 indeed (float32 at 5e-5: logits in the hundreds, fixed_shift_tolerance)."""
+    inputs = wide_spread_inputs(dtype, device)
+    lse2 = op_oracle(*inputs)[0] * math.log2(math.e)
+    assert lse2.max() - lse2.min() > 96
+    assert_op_matches_oracle(run, inputs, dtype, "wide spread", 5e-5 if dtype == torch.float32 else None)
+
+
+def assert_rows_without_negatives_match_oracle(run: "Op", dtype: torch.dtype, device: str = "cpu") -> None:
+    """y None, 2 anchors, tau = 0.01 (no_negatives_inputs). Anchor 0 excludes both: no negatives, lse
+    -inf, and its gradient only the other anchor's term (E[1, 0] x[1]); then neither has negatives:
+    dx = 0. Entries masked both ways have overflowing exps and must give 0, never NaN."""
+    x, y, excluded, tau, grad_lse = no_negatives_inputs(dtype, torch.tensor([[0, 1], [1, -1]]), device)
+    lse, dx, _ = run(x, y, excluded, tau, grad_lse, False)
+    expected_lse, expected_dx, _ = op_oracle(x, y, excluded, tau, grad_lse)
+    assert torch.isinf(lse[0]) and lse[0] < 0
+    assert_rel_close(lse[1:], expected_lse[1:], 1e-5, "lse")
+    assert_rel_close(dx, expected_dx, TOLERANCE[dtype], "dx")
+    x, y, excluded, tau, grad_lse = no_negatives_inputs(dtype, torch.tensor([[0, 1], [1, 0]]), device)
+    lse, dx, _ = run(x, y, excluded, tau, grad_lse, False)
+    assert torch.isinf(lse).all() and (lse < 0).all() and (dx == 0).all()
+
+
+def assert_symmetric_outlier_matches_oracle(run: "Op", device: str = "cpu") -> None:
+    """`run` on the ntxent outlier_inputs (fp16, 128 anchors, anchor 5's upstream gradient 1e5 times
+    the others') against the float64 oracle: lse at 1e-5, dx at 1e-2."""
+    x, y, excluded, tau, grad_lse = outlier_inputs(64, 40, 64, 1e5, device, layout="ntxent")
+    lse, dx, _ = run(x, y, excluded, tau, grad_lse, False)
+    expected = op_oracle(x, y, excluded, tau, grad_lse)
+    assert_rel_close(lse, expected[0], 1e-5, "lse")
+    assert_rel_close(dx, expected[1], 1e-2, "dx")
 
 
 def no_negatives_inputs(dtype: torch.dtype, rows_excluded: torch.Tensor, device: str = "cpu"):
