@@ -409,7 +409,14 @@ def write_table(table: Dict[tuple, tuple], path: str, command: str) -> None:
 
 
 CUDA_TYPES = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32", "double": "fp64"}
-CUDA_NAME = re.compile(r"(?P<kernel>negative_lse_\w+)<(?P<input>[\w:]+)>")
+# (negative_lse_symmetric_grad<In, true | false>: one exp per score, or two: "..._two_exp" as
+# tools/cuda_inner_loops.py names it.)
+CUDA_NAME = re.compile(r"(?P<kernel>negative_lse_\w+)<(?P<input>[\w:]+)(?:, (?P<variant>true|false))?>")
+
+
+def cuda_kernel_of(parsed) -> str:
+    """The kernel's name in the report (and in tools/cuda_inner_loops.py's counts) from a CUDA_NAME match."""
+    return parsed["kernel"] + ("_two_exp" if parsed["variant"] == "false" else "")
 
 
 def demangle(names: List[str]) -> List[str]:
@@ -466,7 +473,7 @@ def cuda_rows(library: str, archs: List[int], log=print) -> List[dict]:
         if arch not in archs or not function.instructions:
             continue
         parsed = CUDA_NAME.search(name)
-        kernel = parsed["kernel"] if parsed else name
+        kernel = cuda_kernel_of(parsed) if parsed else name
         dtype = CUDA_TYPES.get(parsed["input"], parsed["input"]) if parsed else ""
         res = usage.get((function.name, function.arch), {})
         smem = res.get("shared", "")

@@ -153,6 +153,31 @@ C10_HOST_DEVICE inline T column_view_scale(T max_abs_coef) {
   return max_abs_coef > T(0) ? max_abs_coef : T(1);
 }
 
+// The symmetric view (y = x, ntxent: dx = (E + E^T) x in one pass, csrc/cuda/
+// symmetric_grad.cuh and the Triton backend's symmetric row pass): one operand holds
+// E[r, c] + E[c, r] = scale (w[r] P[r, c] + w[c] P[c, r]) with w = coef / scale,
+// scale = column_view_scale(max |coef| over all anchors), so |w| <= 1, P <= 1 and the
+// operand w[r] P[r, c] + w[c] P[c, r] (|.| <= 2) is rounded; the product is multiplied
+// by scale afterwards. For fp16 that one scale is not enough, for the column view's
+// reason (one large |coef[c]| pushes every other term below fp16's subnormals): each
+// output row r and streamed tile of kColumnScaleRows anchors has its own scale,
+// symmetric_row_scale (the largest |coef| among r and the tile's anchors), the operand
+// is (E[r, c] + E[c, r]) / it and each tile's product is multiplied by it in fp32 before
+// it is added. Both terms share one exp when the spread of lse log2(e) over the rows
+// (those with negatives) is at most kSymmetricMaxSpread: with shift = its minimum,
+// w P[r, c] = 2^(logit2 - shift) alpha[r] with alpha = w 2^(shift - lse2) >= |w| 2^-96,
+// still a normal float32 (else each term takes its own exp). The Triton kernels mirror
+// this (macl_kernels/backends/triton/backward.py: _tile_scales, MAX_SPREAD).
+constexpr double kSymmetricMaxSpread = 96.0;
+constexpr double kLog2e = 1.4426950408889634;  // log2(e): exp(x) = exp2(x log2(e))
+
+// The fp16 symmetric view's scale of output row r against a streamed tile of anchors: from
+// |coef[r]| and the tile's max |coef| (its group of kColumnScaleRows); 1 when both are 0.
+template <typename T>
+C10_HOST_DEVICE inline T symmetric_row_scale(T row_abs_coef, T tile_max_abs_coef) {
+  return column_view_scale(row_abs_coef > tile_max_abs_coef ? row_abs_coef : tile_max_abs_coef);
+}
+
 // Anchors per streamed tile of the CUDA column pass for fp16 (MmaTile::kStreamed, checked
 // there): the anchors [g k, (g + 1) k) of group g share a column-view scale.
 constexpr int64_t kColumnScaleRows = 64;

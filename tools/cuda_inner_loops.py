@@ -52,8 +52,8 @@ FORWARD_TILES = {
 
 
 def tile_of(kernel: str, dtype: str) -> Dict[str, int]:
-    """The tile figures of a kernel (negative_lse_forward, ..._forward_product, ..._rows_grad, ..._cols_grad)
-    for an input type: the forward_product has the gradient passes' tile."""
+    """The tile figures of a kernel (negative_lse_forward, ..._forward_product, ..._rows_grad, ..._cols_grad,
+    ..._symmetric_grad) for an input type: the forward_product has the gradient passes' tile."""
     return {**TILES[dtype], **(FORWARD_TILES.get(dtype, {}) if kernel == "negative_lse_forward" else {})}
 
 
@@ -165,7 +165,7 @@ def census(instructions, tile: Dict[str, int], dim: int, owner) -> Dict[str, flo
     def trips(s: int, e: int) -> float:
         body = instructions[s : e + 1]
         # The innermost function of a known kind along each instruction's inlining chain.
-        known = ("add_scores", "add", "load", "load_records", "backward_pass")
+        known = ("add_scores", "add", "load", "load_records", "excludes_owned")
         functions = collections.Counter(
             next((owner.get(site) for site in chain if owner.get(site) in known), "?") for _, chain in body
         )
@@ -185,7 +185,7 @@ def census(instructions, tile: Dict[str, int], dim: int, owner) -> Dict[str, flo
             return tile["streamed"] * pieces / tile["threads"] / max(1, ops["LDGSTS"])
         if function == "load_records":
             return tile["streamed"] / tile["threads"] / max(1, ops["LDGSTS"])
-        if function == "backward_pass":  # the column pass's check of the tile's exclusions
+        if function == "excludes_owned":  # the column and symmetric passes' check of the tile's exclusions
             return tile["streamed"] / 32
         raise SystemExit(f"cuda_inner_loops: unrecognized loop in {function} ({dict(ops)})")
 
@@ -204,7 +204,10 @@ def census(instructions, tile: Dict[str, int], dim: int, owner) -> Dict[str, flo
     return counts
 
 
-KERNEL = re.compile(r"(negative_lse_(?:forward_product|forward|rows_grad|cols_grad))<(\w+)>")
+# (symmetric_grad<In, true> is the symmetric pass with one exp per score, <In, false> with two.)
+KERNEL = re.compile(
+    r"(negative_lse_(?:forward_product|forward|rows_grad|cols_grad|symmetric_grad))<(\w+)(?:, (true|false))?>"
+)
 
 
 def measure(arch: str, dim: int) -> Dict[Tuple[str, str], Dict[str, float]]:
@@ -216,9 +219,10 @@ def measure(arch: str, dim: int) -> Dict[Tuple[str, str], Dict[str, float]]:
     for mangled, name in zip(functions, check_spills.demangle(list(functions))):
         match = KERNEL.search(name)
         if match:
-            tile = tile_of(*match.groups())
+            kernel, dtype, one_exp = match.groups()
+            tile = tile_of(kernel, dtype)
             counts = census(functions[mangled], tile, dim, owner)
-            found[match.groups()] = {**counts, "elements": tile["elements"]}
+            found[kernel + ("_two_exp" if one_exp == "false" else ""), dtype] = {**counts, "elements": tile["elements"]}
     return found
 
 
@@ -228,11 +232,11 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=128, help="embedding width D (default 128)")
     args = parser.parse_args()
     print(f"sm_{args.arch}, D = {args.dim}, resident layout, common path, per thread and streamed tile:")
-    print(f"{'kernel':46} {'instr':>7} {'elems':>5} {'instr/elem':>10} {'MUFU/elem':>9}")
+    print(f"{'kernel':52} {'instr':>7} {'elems':>5} {'instr/elem':>10} {'MUFU/elem':>9}")
     for (kernel, dtype), counts in sorted(measure(args.arch, args.dim).items()):
         elements = counts["elements"]
         print(
-            f"{kernel + '<' + dtype + '>':46} {counts['instructions']:7.0f} {elements:5d} "
+            f"{kernel + '<' + dtype + '>':52} {counts['instructions']:7.0f} {elements:5d} "
             f"{counts['instructions'] / elements:10.1f} {counts['MUFU'] / elements:9.2f}"
         )
     return 0

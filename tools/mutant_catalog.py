@@ -36,6 +36,7 @@ FUSED = "macl_kernels/_fused.py"
 DISTRIBUTED = "macl_kernels/distributed.py"
 TORCH = "macl_kernels/backends/torch_chunked.py"
 CUDA_KERNELS = "csrc/cuda/kernels.cuh"
+CUDA_SYMMETRIC = "csrc/cuda/symmetric_grad.cuh"
 TRITON = "macl_kernels/backends/triton"
 
 T_MATH = "python_tests/test_math.py"
@@ -364,12 +365,23 @@ MUTANTS = [
     ),
     # ---- the CUDA kernels (csrc/cuda), run by the CPU emulator of python_tests/backends/cuda_emulation ----
     Mutant(
-        "cuda-column-pass-overwrites-dx",
-        CUDA_KERNELS,
-        "out[feature] = p.accumulate ? out[feature] + value : value;",
-        "out[feature] = value;",
-        (f"{T_EMULATED}::test_matches_float64[float32-ntxent-n45-d19]",),
-        "ntxent's symmetric backward: the column pass overwrites dx = E x instead of adding E^T x",
+        "cuda-symmetric-one-fp16-scale",
+        CUDA_SYMMETRIC,
+        "const Acc tile_max = kTileScales ? p.max_abs_coef[t] : Acc(0);",
+        "const Acc tile_max = kTileScales ? weight_scale : Acc(0);",
+        (f"{T_EMULATED}::test_fp16_symmetric_weights_do_not_underflow_next_to_a_large_upstream_gradient",),
+        "ntxent's symmetric backward in fp16 with one scale for all anchors, not one per output row and streamed "
+        "tile: one large upstream gradient pushes every other entry's operand below fp16's subnormals (issue 11)",
+        rebuild=("emulator",),
+    ),
+    Mutant(
+        "cuda-symmetric-column-mask-from-rows",
+        CUDA_SYMMETRIC,
+        "return value(i, j, score, mask.masked(i, j), col_masked);",
+        "return value(i, j, score, mask.masked(i, j), mask.masked(i, j));",
+        (f"{T_EMULATED}::test_symmetric_pass_with_an_asymmetric_table[torch.float32]",),
+        "ntxent's symmetric backward takes the exclusion table as symmetric: E[j, i] dropped where anchor i "
+        "excludes j instead of where anchor j excludes i",
         rebuild=("emulator",),
     ),
     Mutant(

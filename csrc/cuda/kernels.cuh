@@ -22,7 +22,6 @@
 namespace macl::cuda {
 namespace {
 
-constexpr double kLog2e = 1.4426950408889634;
 constexpr int kMaxThreads = 128;  // per CTA, every tile (a bound the register allocation respects)
 constexpr double kLn2 = 0.6931471805599453;
 
@@ -81,9 +80,9 @@ struct Params {
   const Acc* lse;           // backward
   const Acc* max_abs_coef;  // backward: per group of anchors sharing a column-view scale (launch.h)
   int64_t group_rows;       // backward: anchors per such group (column_scale_rows)
-  const ColumnParams<Acc>* column_params;  // column pass
-  Acc* out;                 // lse, dx, or dy (dx when accumulate)
-  bool accumulate;          // column pass into dx: out += instead of out =
+  const ColumnParams<Acc>* column_params;  // column pass, symmetric pass (symmetric_grad.cuh)
+  const Acc* shared_shift;  // symmetric pass: its shift, formula and weight scale (symmetric_grad.cuh)
+  Acc* out;                 // lse, dx, or dy
   int64_t rows, cols, dim, ld;
 };
 
@@ -335,6 +334,21 @@ __global__ void negative_lse_column_params(const int32_t* excluded, const Acc* t
   out[r] = record;
 }
 
+// Whether one of a streamed tile's anchors (their records) excludes one of the CTA's owned
+// rows [owned0, owned0 + kOwned), for this lane's share of the anchors (a warp's lanes
+// together read every record, a few each): combine with __any_sync.
+template <typename Tile, typename Acc>
+__device__ inline bool excludes_owned(const ColumnParams<Acc>* anchors, int64_t owned0) {
+  const int first = static_cast<int>(owned0);
+  bool hit = false;
+  for (int k = threadIdx.x % 32; k < Tile::kStreamed; k += 32) {
+    const int32_t* e = anchors[k].excluded;
+    hit |= static_cast<unsigned>(e[0] - first) < static_cast<unsigned>(Tile::kOwned) ||
+           static_cast<unsigned>(e[1] - first) < static_cast<unsigned>(Tile::kOwned);
+  }
+  return hit;
+}
+
 // Sets the tile's operands from its scores (lse_math.h: p * factor rounded to the input
 // type), p = exp2(score * scale2 - shift2(i, j)), for every entry; masked entries are
 // cleared afterwards.
@@ -365,8 +379,33 @@ __device__ inline void clear_masked(Tile& tile, const Masked& masked) {
   }
 }
 
+// Writes the gradient product of the CTA's owned rows [owned0, owned0 + kOwned) (those
+// below n_owned) for features [d0, d0 + kChunk) (those below dim) to out (rows of dim
+// values), times after(i) for the thread's row i: each (row, feature) has exactly this one
+// writer.
+template <typename Tile, typename Acc, typename After>
+__device__ inline void store_product(typename Tile::Product& product, const After& after, Acc* out, int64_t owned0,
+                                     int64_t n_owned, int64_t dim, int64_t d0) {
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
+    const int64_t row = owned0 + Tile::row(i);
+    if (row >= n_owned) {
+      continue;
+    }
+    Acc* out_row = out + row * dim + d0;
+#pragma unroll
+    for (int d = 0; d < Tile::Product::kFeatures; ++d) {
+      const int feature = Tile::Product::feature(d);
+      if (d0 + feature < dim) {
+        out_row[feature] = after(i) * product.at(i, d);
+      }
+    }
+  }
+}
+
 // The row pass (kColumns = false: owns anchors, streams candidates, out = dx = E y) and
-// the column pass (owns candidates, streams anchors, out = dy = E^T x or dx += E^T x),
+// the column pass (owns candidates, streams anchors, out = dy = E^T x), for the candidates
+// given as y (symmetric_grad.cuh's one pass takes y = None),
 // for gradient features [d0, d0 + kChunk) with d0 = blockIdx.y * kChunk.
 template <typename In, bool kColumns>
 __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
@@ -419,7 +458,6 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
     for (int i = 0; i < Tile::kRows; ++i) after[i] = scale;
     const Sides<In> sides{p.y, static_cast<int>(p.cols), static_cast<int>(owned0), p.x, static_cast<int>(p.rows),
                           p.column_params};
-    const int first = static_cast<int>(owned0);
     constexpr int kRecordBytes = sizeof(ColumnParams<Acc>);
     for_each_tile<kRecordBytes>(geo, sides, output_chunk, tile, smem, [&](int t, const In* rows, const void* records) {
       // (A group is one tile, or every anchor: tile t lies in one group.)
@@ -429,15 +467,8 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
       set_weights<Operand>(
           tile, scale2, [&](int, int j) { return anchors[Tile::col(j)].shift2; },
           [&](int, int j) { return anchors[Tile::col(j)].factor; });
-      // Whether an anchor of this tile excludes one of the CTA's candidates (each warp
-      // reads every anchor's record, a few per lane).
-      bool hit = false;
-      for (int k = threadIdx.x % 32; k < Tile::kStreamed; k += 32) {
-        const int32_t* e = anchors[k].excluded;
-        hit |= static_cast<unsigned>(e[0] - first) < static_cast<unsigned>(Tile::kOwned) ||
-               static_cast<unsigned>(e[1] - first) < static_cast<unsigned>(Tile::kOwned);
-      }
-      if (rare(__any_sync(0xffffffffu, hit))) {  // an anchor of the tile excludes a candidate of the CTA
+      // An anchor of the tile excludes a candidate of the CTA:
+      if (rare(__any_sync(0xffffffffu, excludes_owned<Tile>(anchors, owned0)))) {
         clear_masked(tile, [&](int i, int j) {
           const int32_t* e = anchors[Tile::col(j)].excluded;
           return is_excluded(owned0 + Tile::row(i), e[0], e[1]);
@@ -451,24 +482,7 @@ __device__ void backward_pass(const Params<In, typename Config<In>::Acc>& p,
     });
   }
 
-  // Each (row, feature) of the output has exactly this one writer.
-  const int64_t n_owned = kColumns ? p.cols : p.rows;
-#pragma unroll
-  for (int i = 0; i < Tile::kRows; ++i) {
-    const int64_t row = owned0 + Tile::row(i);
-    if (row >= n_owned) {
-      continue;
-    }
-    Acc* out = p.out + row * p.dim + d0;
-#pragma unroll
-    for (int d = 0; d < Tile::Product::kFeatures; ++d) {
-      const int feature = Tile::Product::feature(d);
-      if (d0 + feature < p.dim) {
-        const Acc value = after[i] * product.at(i, d);
-        out[feature] = p.accumulate ? out[feature] + value : value;
-      }
-    }
-  }
+  store_product<Tile>(product, [&](int i) { return after[i]; }, p.out, owned0, kColumns ? p.cols : p.rows, p.dim, d0);
 }
 
 template <typename In>

@@ -44,14 +44,20 @@ struct BackwardArgs {
   // max |grad_lse[r] / tau| over each group of column_scale_rows(type is fp16, rows)
   // anchors (lse_math.h's column view): one value per group
   const void* max_abs_coef;
+  // y = None only (else null): {shift, one_exp, weight scale}, the symmetric pass's shared
+  // shift (symmetric_grad.cuh): min over the rows with a finite lse of lse log2(e); 1 if
+  // the spread of those values is at most kSymmetricMaxSpread (lse_math.h), else 0; and
+  // column_view_scale(max |grad_lse / tau|)
+  const void* shared_shift;
   void* workspace;
 };
 
 size_t backward_workspace_bytes(InputType type, int64_t rows);
 
-// dx (rows x dim, contiguous) = E y unless dx is null; then, if dy is not null, dy (cols x
-// dim) = E^T x, or dx += E^T x when dy is dx (y is x), with E[r, c] = grad_lse[r] / tau *
-// exp(x[r].y[c] / tau - lse[r]) on negative columns (lse_math.h's rounding rule for
+// dx (rows x dim, contiguous) = E y unless dx is null (then dx comes from the product
+// forward's P y); then, if dy is not null, dy (cols x dim) = E^T x; or, when dy is dx
+// (y is x), dx = (E + E^T) x in one pass; with E[r, c] = grad_lse[r] / tau *
+// exp(x[r].y[c] / tau - lse[r]) on negative columns (lse_math.h's rounding rules for
 // fp16/bf16 inputs).
 cudaError_t launch_negative_lse_backward(InputType type, const LseArgs& args, const BackwardArgs& b, void* dx,
                                          void* dy, cudaStream_t stream);

@@ -13,6 +13,7 @@
 #include "forward_product.cuh"
 #include "kernels.cuh"
 #include "launch.h"
+#include "symmetric_grad.cuh"
 
 namespace macl::cuda {
 namespace {
@@ -80,6 +81,28 @@ cudaError_t run_forward_product(Runner& runner, const LseArgs& args, void* lse, 
                        Tile::kThreads, geo.shared_bytes(), p, geo, static_cast<Acc*>(lse));
 }
 
+// y = None (dy is dx): symmetric_grad.cuh's one pass, after its setup; both formulas are
+// launched, the one that is not the case returns at once.
+template <typename In, typename Runner>
+cudaError_t run_symmetric_backward(Runner& runner, Params<In, typename Config<In>::Acc> p, const BackwardArgs& b) {
+  using Tile = typename Config<In>::Tile;
+  using Acc = typename Config<In>::Acc;
+  auto* records = static_cast<ColumnParams<Acc>*>(b.workspace);
+  p.shared_shift = static_cast<const Acc*>(b.shared_shift);
+  cudaError_t status = runner.launch(negative_lse_symmetric_params<Acc>, dim3(blocks(p.rows, 256)), 256, 0,
+                                     p.excluded, p.tau, p.grad_lse, p.lse, p.shared_shift, p.rows, records);
+  p.column_params = records;
+  const auto geo = choose_geometry<In>(p.ld, sizeof(ColumnParams<Acc>), runner.max_shared());
+  const dim3 grid(blocks(p.rows, Tile::kOwned), static_cast<unsigned int>(geo.output_chunks()));
+  if (status == cudaSuccess) {
+    status = runner.launch(negative_lse_symmetric_grad<In, true>, grid, Tile::kThreads, geo.shared_bytes(), p, geo);
+  }
+  if (status == cudaSuccess) {
+    status = runner.launch(negative_lse_symmetric_grad<In, false>, grid, Tile::kThreads, geo.shared_bytes(), p, geo);
+  }
+  return status;
+}
+
 template <typename In, typename Runner>
 cudaError_t run_backward(Runner& runner, const LseArgs& args, const BackwardArgs& b, void* dx, void* dy) {
   using Tile = typename Config<In>::Tile;
@@ -89,6 +112,9 @@ cudaError_t run_backward(Runner& runner, const LseArgs& args, const BackwardArgs
   p.lse = static_cast<const Acc*>(b.lse);
   p.max_abs_coef = static_cast<const Acc*>(b.max_abs_coef);
   p.out = static_cast<Acc*>(dx);
+  if (dx != nullptr && dy == dx) {  // (both null: nothing asked)
+    return run_symmetric_backward<In>(runner, p, b);
+  }
   GeometryOf<In> geo = choose_geometry<In>(args.ld, 0, runner.max_shared());
   const unsigned int chunks = static_cast<unsigned int>(geo.output_chunks());
   cudaError_t status = cudaSuccess;
@@ -108,7 +134,6 @@ cudaError_t run_backward(Runner& runner, const LseArgs& args, const BackwardArgs
   }
   p.column_params = records;
   p.out = static_cast<Acc*>(dy);
-  p.accumulate = dy == dx;  // y is x: dx += E^T x after the row pass's dx = E x
   geo = choose_geometry<In>(args.ld, sizeof(ColumnParams<Acc>), runner.max_shared());
   return runner.launch(negative_lse_cols_grad<In>, dim3(blocks(p.cols, Tile::kOwned), chunks), Tile::kThreads,
                        geo.shared_bytes(), p, geo);

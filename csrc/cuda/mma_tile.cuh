@@ -162,9 +162,10 @@ struct MmaTile {
     }
 
     // o += scale * (W B), as add otherwise: the tile's product for 16 features at a time
-    // in fresh fp32 accumulators (8 registers), multiplied by scale and added to o
-    // (lse_math.h's column view for fp16: each tile of anchors has its own scale).
-    __device__ void add_scaled(const MmaTile& w, const In* b, int ldb, float scale) {
+    // in fresh fp32 accumulators (8 registers), each row i multiplied by scale[i] and added
+    // to o (lse_math.h's fp16 views: the column view's scale per tile of anchors, the
+    // symmetric view's per output row and streamed tile).
+    __device__ void add_scaled(const MmaTile& w, const In* b, int ldb, const float (&scale)[kRows]) {
       static_assert(kRowBlocks == 1, "the gradient product takes one row block per warp");
       const uint32_t b_rows = b_address(b, ldb);
 #pragma unroll
@@ -185,10 +186,16 @@ struct MmaTile {
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          o[2 * pair][e] = fmaf(scale, part[0][e], o[2 * pair][e]);
-          o[2 * pair + 1][e] = fmaf(scale, part[1][e], o[2 * pair + 1][e]);
+          o[2 * pair][e] = fmaf(scale[e / 2], part[0][e], o[2 * pair][e]);
+          o[2 * pair + 1][e] = fmaf(scale[e / 2], part[1][e], o[2 * pair + 1][e]);
         }
       }
+    }
+
+    // The same scale for every row.
+    __device__ void add_scaled(const MmaTile& w, const In* b, int ldb, float scale) {
+      const float each[kRows] = {scale, scale};
+      add_scaled(w, b, ldb, each);
     }
 
    private:

@@ -1,11 +1,13 @@
 // The CUDA kernels of macl_kernels::negative_lse and its backward (backend "cuda"): the
 // entry points of launch.h, which run launch_plan.cuh's kernels (kernels.cuh) on the GPU.
 //
-// Four kernels per input type (fp16 and bf16 on the tensor cores, float32 and float64
+// Five kernels per input type (fp16 and bf16 on the tensor cores, float32 and float64
 // on the CUDA cores), each a CTA that owns a block of rows and streams the other side's
 // rows through shared memory (tile_stream.cuh: 16-byte cp.async copies, two stages),
 // with the scores of one owned block x streamed tile in registers (mma_tile.cuh,
-// simt_tile.cuh):
+// simt_tile.cuh). A forward is one kernel; a backward with candidates y is the row pass
+// and, when dy is needed, the column pass; a backward without (y = None, the anchors are
+// the candidates, ntxent) is the symmetric pass alone:
 //
 //   negative_lse_forward     owns anchors, streams the candidates; sums each row's terms
 //                            exp2(logit2 - log2(e) / tau) in registers (the fixed shift of
@@ -22,12 +24,18 @@
 //                            (h / tau) P y: the row pass below does not run (need_dx false).
 //   negative_lse_rows_grad   owns anchors, streams candidates: dx = E y for one chunk of
 //                            gradient features (grid.y), accumulated in registers over the
-//                            whole candidate loop and written once (ntxent, and candidates
-//                            whose forward kept no P y).
-//   negative_lse_cols_grad   owns candidates, streams anchors: dy = E^T x (or dx += E^T x
-//                            when the candidates are the anchors), likewise.
+//                            whole candidate loop and written once (candidates whose
+//                            forward kept no P y).
+//   negative_lse_cols_grad   owns candidates, streams anchors: dy = E^T x, likewise.
 //   negative_lse_column_params  (setup, O(rows)) the per-anchor records the column pass
 //                            streams with the anchors.
+//   negative_lse_symmetric_grad  (symmetric_grad.cuh) owns anchors, streams anchors: dx =
+//                            (E + E^T) x, each entry's operand holding both weights from one
+//                            score and (through a shared shift) one exp2; launched as two
+//                            variants, one exp per score or two (a spread of the rows' lse
+//                            too wide for one shift), of which the one that is not the case
+//                            returns at once. Its setup negative_lse_symmetric_params writes
+//                            the per-anchor records (O(rows)).
 //
 // Every output element has one writer and the candidates are summed in a fixed order:
 // deterministic, no atomics. exp is exp2 with log2(e) / tau folded into one FMA; the
@@ -44,7 +52,11 @@
 //                        per thread. Scores: D / 16 steps of 5 ldmatrix.x4 and 8
 //                        HMMA.16816; the product (P y, or the gradient) adds
 //                        32 ldmatrix.x4.trans and 64 HMMA (128 gradient features), and the
-//                        fp16 column pass 64 FFMA (its tile's scale, lse_math.h).
+//                        fp16 column and symmetric passes 64 FFMA (the tile's scales,
+//                        lse_math.h); the symmetric pass adds an FADD (FFMA for fp16) and
+//                        an FMUL per score (alpha[i] + alpha[j], times the exp), the
+//                        streamed anchors' alphas from shared memory and the check of
+//                        their exclusions.
 //                        Forward: 128 x 64, 4 warps of 2 x 16 owned rows: 64 elements per
 //                        thread; D / 16 steps of 6 ldmatrix.x4 and 16 HMMA.
 //   float32 (SimtTile)   64 x 32, one owned row per thread: 32 elements per thread.
@@ -52,9 +64,9 @@
 // Nested in it: the k loop of add_scores (two steps per iteration for fp16/bf16), the
 // cp.async copy loop (each streamed row copied by 2 threads for fp16/bf16, 4 copies of 16
 // bytes per iteration: D / 64 iterations), the gradient product of SimtTile. The paths for
-// masked tiles (excluded or missing columns), the chunked layout, the forward's repair, the
-// forward_product's rescale of a row whose max rises and copies left over from whole
-// iterations sit behind tile_stream.cuh's rare();
+// masked tiles (excluded or missing columns, for the symmetric pass either way), the
+// chunked layout, the forward's repair, the forward_product's rescale of a row whose max
+// rises and copies left over from whole iterations sit behind tile_stream.cuh's rare();
 // tools/cuda_inner_loops.py builds with each rare path replaced by a trap
 // (-DMACL_CUDA_COMMON_PATH_ONLY) and counts instructions per element.
 #include <cuda_runtime.h>

@@ -6,6 +6,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
@@ -96,6 +100,20 @@ std::tuple<at::Tensor, at::Tensor> negative_lse_product_with(const Inputs& in, c
   return {lse, product};
 }
 
+// launch.h's BackwardArgs::shared_shift for the lse of the rows and max |coef| per group
+// of anchors, on the device (no synchronization): {min lse2 over the finite rows, whether
+// the spread of those lse2 is at most kSymmetricMaxSpread, the weight scale}.
+inline at::Tensor shared_shift(const at::Tensor& lse, const at::Tensor& max_abs_coef) {
+  const at::Tensor lse2 = lse.mul(kLog2e);
+  const at::Tensor finite = lse2.isfinite();
+  const at::Tensor low = at::where(finite, lse2, at::full_like(lse2, INFINITY)).amin();
+  const at::Tensor high = at::where(finite, lse2, at::full_like(lse2, -INFINITY)).amax();
+  const at::Tensor one_exp = high.sub(low).le(kSymmetricMaxSpread).to(lse.scalar_type());
+  const at::Tensor top = max_abs_coef.amax();
+  const at::Tensor scale = at::where(top.gt(0), top, at::ones_like(top));  // column_view_scale
+  return at::stack({low, one_exp, scale});
+}
+
 // (dx, dy) as the op schema says; launch(type, args, backward args, dx, dy) runs
 // launch_negative_lse_backward; empty(sizes, options) allocates outputs the kernels write
 // in full.
@@ -108,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> negative_lse_backward_with(const Inputs& in, 
   const at::TensorOptions options = in.x.options().dtype(acc);
   const at::Tensor g = grad_lse.to(acc).contiguous();
   const at::Tensor l = lse.to(acc).contiguous();
-  // Gradients in the accumulation type; y = None: dx takes both roles (the column pass adds into it).
+  // Gradients in the accumulation type; y = None: dx takes both roles ((E + E^T) x, one symmetric pass).
   check_need_dx(has_y, need_dx);
   at::Tensor dx = need_dx ? empty({in.args.rows, in.args.dim}, options) : at::Tensor();
   at::Tensor dy = (has_y && need_dy) ? empty({in.args.cols, in.args.dim}, options) : at::Tensor();
@@ -121,10 +139,11 @@ std::tuple<at::Tensor, at::Tensor> negative_lse_backward_with(const Inputs& in, 
     const at::Tensor abs_coef = g.mul(in.tau.reciprocal()).abs();
     const at::Tensor max_abs_coef =
         at::constant_pad_nd(abs_coef, {0, groups * group - in.args.rows}).view({groups, group}).amax(1);
+    const at::Tensor shift = has_y ? at::Tensor() : shared_shift(l, max_abs_coef);
     const at::Tensor workspace =
         at::empty({static_cast<int64_t>(backward_workspace_bytes(in.type, in.args.rows))}, options.dtype(at::kByte));
     const BackwardArgs b{g.const_data_ptr(), l.const_data_ptr(), max_abs_coef.const_data_ptr(),
-                         workspace.data_ptr()};
+                         has_y ? nullptr : shift.const_data_ptr(), workspace.data_ptr()};
     launch(in.type, in.args, b, dx.defined() ? dx.data_ptr() : nullptr, columns_out);
   } else if (dy.defined()) {
     dy.zero_();  // no anchors: no gradient for the candidates

@@ -26,13 +26,16 @@ subnormals at large M): ``p = exp(...) <= 1`` for ``dx``, with ``h[r] / tau``
 applied after the product; ``p * coef[r] / scale`` for ``dy``, where in fp16 each
 tile of anchors has its own ``scale`` (its largest ``|h / tau|``, applied after the
 tile's product), so that one large ``h[r]`` cannot push the other anchors' weights
-to 0 (csrc/lse_math.h, issue 11). The tiles are recomputed in the
-backward, never saved: the saved state is ``lse`` (O(M)), and for the candidates
-path (``y`` given) of the Triton and compiled (``cpp``, ``cuda``) backends also
-``P y`` (M x D, accumulation dtype, ``P[r, c] = exp(x[r].y[c] / tau - lse[r])`` on
-the negatives) when ``dx`` will be needed: the forward computes it with the lse,
-and ``dx = (h / tau) P y`` (:func:`macl_kernels._math.rows_from_product`) costs no
-pass over S, the backward's only pass being the one for ``dy``
+to 0 (csrc/lse_math.h, issue 11). Without ``y`` (the anchors are their own
+candidates) the CUDA and Triton kernels write ``dx = (E + E^T) x`` in one pass,
+each operand ``(E[r, c] + E[c, r]) / scale`` from one score (lse_math.h's
+symmetric view; in fp16 a scale per output row and tile of anchors). The tiles are
+recomputed in the backward, never saved: the saved state is ``lse`` (O(M)), and for
+the candidates path (``y`` given) of the Triton and compiled (``cpp``, ``cuda``)
+backends also ``P y`` (M x D, accumulation dtype, ``P[r, c] = exp(x[r].y[c] / tau -
+lse[r])`` on the negatives) when ``dx`` will be needed: the forward computes it with
+the lse, and ``dx = (h / tau) P y`` (:func:`macl_kernels._math.rows_from_product`)
+costs no pass over S, the backward's only pass being the one for ``dy``
 (backends/triton/operators.py, macl_kernels/_extension_ops.py). Everything per anchor
 (tau, d, V, the reduction) is shared Python in :mod:`macl_kernels._math` and
 :mod:`macl_kernels._fused`.

@@ -5,6 +5,7 @@ oracle, and the cases that reach every edge of the CUDA kernels' tiles.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -106,29 +107,39 @@ OP_CASES = [
 ]
 
 
-def outlier_inputs(n: int, d: int, tile_rows: int, outlier: float, device: str = "cpu"):
-    """(x, y, excluded, tau, grad_lse) of a small fp16 cross-layout case where anchor 5's upstream
-    gradient is `outlier` times the others' (issue 11's column-view underflow, at a size an
-    emulator or interpreter runs).
+def outlier_inputs(n: int, d: int, tile_rows: int, outlier: float, device: str = "cpu", layout: str = "cross"):
+    """(x, y, excluded, tau, grad_lse) of a small fp16 case where anchor 5's upstream gradient is
+    `outlier` times the others' (issue 11's underflow of the weights next to a large one, at a
+    size an emulator or interpreter runs).
 
-    n anchors near one direction, n + 13 candidates likewise, tau = 0.1; anchor 5 and candidate 3
-    point the other way, so the outlier's softmax sits on candidate 3 and every other column's
-    dy comes from the other anchors. Anchor 5's tile-mates (the first `tile_rows` anchors, the
-    kernel's tile of anchors that shares a scale) get no upstream gradient: at this size they
-    would be a large share of all anchors. With one scale for all anchors, the others' weights
-    p * coef / scale (~1 / (n outlier)) fall below fp16's subnormals.
+    cross: n anchors near one direction, n + 13 candidates likewise, tau = 0.1; anchor 5 and
+    candidate 3 point the other way, so the outlier's softmax sits on candidate 3 and every other
+    column's dy comes from the other anchors. ntxent (y None: the n pairs are 2n anchors that are
+    their own candidates): the first `tile_rows` anchors point the other way, so that the
+    outlier's softmax stays among them and the other anchors' among themselves. In both, anchor
+    5's tile-mates (the first `tile_rows` anchors, the kernels' tile of anchors that shares a
+    scale) get no upstream gradient: at this size they would be a large share of all anchors.
+    With one scale for all anchors, the others' weights p * coef / scale (~1 / (n outlier)) fall
+    below fp16's subnormals.
     """
     g = torch.Generator().manual_seed(21)
     center = torch.randn(d, generator=g, dtype=torch.float64)
-    x = torch.nn.functional.normalize(center + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    y = torch.nn.functional.normalize(center + 0.3 * torch.randn(n + 13, d, generator=g, dtype=torch.float64), dim=1)
-    x[5] = y[3] = -torch.nn.functional.normalize(center, dim=0)
+
+    def near(rows, direction):
+        return torch.nn.functional.normalize(direction + 0.3 * torch.randn(rows, d, generator=g, dtype=torch.float64))
+
+    if layout == "ntxent":
+        x = torch.cat([near(tile_rows, -center), near(2 * n - tile_rows, center)])
+        y = None
+    else:
+        x, y = near(n, center), near(n + 13, center)
+        x[5] = y[3] = -torch.nn.functional.normalize(center, dim=0)
     tau = torch.tensor(0.1)
-    grad_lse = torch.full((n,), 1e-3)  # coef = grad_lse / tau = 1e-2: every gradient in fp16's normal range
+    grad_lse = torch.full((x.shape[0],), 1e-3)  # coef = grad_lse / tau = 1e-2: every gradient in fp16's normal range
     grad_lse[:tile_rows] = 0.0
     grad_lse[5] = 1e-3 * outlier
-    excluded = layout_exclusions("cross", n, torch.device(device))
-    half = lambda t: t.to(device, torch.float16)  # noqa: E731
+    excluded = layout_exclusions(layout, n, torch.device(device))
+    half = lambda t: None if t is None else t.to(device, torch.float16)  # noqa: E731
     return half(x), half(y), excluded, tau.to(device), grad_lse.to(device)
 
 
@@ -166,6 +177,84 @@ def assert_product_matches_oracle(
 
 
 PRODUCT_CASES = [case for case in OP_CASES if case.layout != "ntxent" and not case.symmetric]  # with candidates
+
+
+# ---- y None with what the symmetric pass (csrc/cuda/symmetric_grad.cuh) must tell apart ----
+
+
+def asymmetric_exclusions(rows: int, offset: int = 100) -> torch.Tensor:
+    """An excluded table for `rows` anchors that are their own candidates, mirrored nowhere:
+    anchor j excludes j + offset (mod rows) in its first slot, and in its second -1, or on every
+    third row a column past the end (excluding nothing). Where an anchor's exclusions fall for
+    its own row (tiles of columns j + offset) and where the anchors that exclude it are (tiles
+    j - offset) differ: at 300 anchors, the 64-anchor block 0 has row-masked tiles 1-2 and
+    column-masked tiles 3-4 only, and tile 0 unmasked."""
+    j = torch.arange(rows)
+    table = torch.stack([(j + offset) % rows, torch.full_like(j, -1)], dim=1)
+    table[::3, 1] = rows + 5
+    return table.to(torch.int32)
+
+
+def asymmetric_inputs(dtype: torch.dtype, device: str = "cpu"):
+    """(x, None, excluded, tau, grad_lse): 300 anchors, D = 16, the table of asymmetric_exclusions."""
+    x, y, _, tau, grad_lse = op_inputs(OpCase(dtype, "random", 300, 16, symmetric=True), device, seed=4)
+    return x, y, asymmetric_exclusions(300).to(device), tau, grad_lse
+
+
+def wide_spread_inputs(dtype: torch.dtype, device: str = "cpu"):
+    """(x, None, excluded, tau, grad_lse): ntxent, 400 anchors (so that the 64-anchor tiles include
+    unmasked ones), tau = 0.004: the rows' lse log2(e) spread over far more than the 96 that one
+    shared shift allows (the symmetric pass's two-exp formula)."""
+    x, y, excluded, _, grad_lse = op_inputs(OpCase(dtype, "ntxent", 200, 19), device, seed=5)
+    tau = torch.tensor(0.004, dtype=grad_lse.dtype, device=device)
+    return x, y, excluded, tau, grad_lse
+
+
+def assert_wide_spread_matches_oracle(run: "Op", dtype: torch.dtype, device: str = "cpu") -> None:
+    """`run` on wide_spread_inputs against the float64 oracle, after checking that their spread of
+    lse log2(e) is over 96 indeed (float32 at 5e-5: logits in the hundreds, fixed_shift_tolerance)."""
+    inputs = wide_spread_inputs(dtype, device)
+    lse2 = op_oracle(*inputs)[0] * math.log2(math.e)
+    assert lse2.max() - lse2.min() > 96
+    assert_op_matches_oracle(run, inputs, dtype, "wide spread", 5e-5 if dtype == torch.float32 else None)
+
+
+def assert_rows_without_negatives_match_oracle(run: "Op", dtype: torch.dtype, device: str = "cpu") -> None:
+    """y None, 2 anchors, tau = 0.01 (no_negatives_inputs). Anchor 0 excludes both: no negatives, lse
+    -inf, and its gradient only the other anchor's term (E[1, 0] x[1]); then neither has negatives:
+    dx = 0. Entries masked both ways have overflowing exps and must give 0, never NaN."""
+    x, y, excluded, tau, grad_lse = no_negatives_inputs(dtype, torch.tensor([[0, 1], [1, -1]]), device)
+    lse, dx, _ = run(x, y, excluded, tau, grad_lse, False)
+    expected_lse, expected_dx, _ = op_oracle(x, y, excluded, tau, grad_lse)
+    assert torch.isinf(lse[0]) and lse[0] < 0
+    assert_rel_close(lse[1:], expected_lse[1:], 1e-5, "lse")
+    assert_rel_close(dx, expected_dx, TOLERANCE[dtype], "dx")
+    x, y, excluded, tau, grad_lse = no_negatives_inputs(dtype, torch.tensor([[0, 1], [1, 0]]), device)
+    lse, dx, _ = run(x, y, excluded, tau, grad_lse, False)
+    assert torch.isinf(lse).all() and (lse < 0).all() and (dx == 0).all()
+
+
+def assert_symmetric_outlier_matches_oracle(run: "Op", device: str = "cpu") -> None:
+    """`run` on the ntxent outlier_inputs (fp16, 128 anchors, anchor 5's upstream gradient 1e5 times
+    the others') against the float64 oracle: lse at 1e-5, dx at 1e-2."""
+    x, y, excluded, tau, grad_lse = outlier_inputs(64, 40, 64, 1e5, device, layout="ntxent")
+    lse, dx, _ = run(x, y, excluded, tau, grad_lse, False)
+    expected = op_oracle(x, y, excluded, tau, grad_lse)
+    assert_rel_close(lse, expected[0], 1e-5, "lse")
+    assert_rel_close(dx, expected[1], 1e-2, "dx")
+
+
+def no_negatives_inputs(dtype: torch.dtype, rows_excluded: torch.Tensor, device: str = "cpu"):
+    """(x, None, excluded, tau, grad_lse) for the anchors' table `rows_excluded` (2 rows, so that
+    a row may have no negatives), tau = 0.01: an entry masked both ways has a term that
+    overflows (a row's own score over the others' lse) and must still give 0, never NaN."""
+    rows = rows_excluded.shape[0]
+    g = torch.Generator().manual_seed(6)
+    x = torch.nn.functional.normalize(torch.randn(rows, 8, generator=g, dtype=torch.float64), dim=1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tau = torch.tensor(0.01, dtype=acc, device=device)
+    grad_lse = torch.linspace(0.5, 1.5, rows, dtype=acc, device=device)
+    return x.to(device, dtype), None, rows_excluded.to(device, torch.int32), tau, grad_lse
 
 
 Op = Callable[..., Tensors]  # (x, y, excluded, tau, grad_lse, need_dy) -> (lse, dx, dy)

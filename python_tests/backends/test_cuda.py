@@ -32,6 +32,10 @@ from python_tests.backends.op_checks import (
     assert_op_matches_float64,
     assert_op_matches_oracle,
     assert_product_matches_oracle,
+    assert_rows_without_negatives_match_oracle,
+    assert_symmetric_outlier_matches_oracle,
+    assert_wide_spread_matches_oracle,
+    asymmetric_inputs,
     fixed_shift_inputs,
     fixed_shift_tolerance,
     op_inputs,
@@ -85,6 +89,9 @@ def test_rows_the_fixed_shift_cannot_hold(kind, dtype):
     assert_op_matches_oracle(cuda_op, inputs, dtype, kind, fixed_shift_tolerance(kind, dtype))
 
 
+ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
 @pytest.mark.parametrize("case", PRODUCT_CASES, ids=str)
 def test_product_matches_float64(case):
     # The forward with P y (csrc/cuda/forward_product.cuh) and the gradients the backend takes from it.
@@ -92,7 +99,7 @@ def test_product_matches_float64(case):
     assert_op_matches_float64(cuda_op_with_product, case, "cuda")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", FIXED_SHIFT_CASES)
 def test_product_at_extreme_logits(kind, dtype):
     # The running max keeps each row's largest term at 1: fp16 operands neither overflow nor vanish.
@@ -100,7 +107,31 @@ def test_product_at_extreme_logits(kind, dtype):
     assert_product_matches_oracle(cuda_product, inputs, dtype, kind, fixed_shift_tolerance(kind, dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_symmetric_pass_with_an_asymmetric_table(dtype):
+    # y None (csrc/cuda/symmetric_grad.cuh): E[i, j] dropped where anchor i excludes j, E[j, i] where
+    # anchor j excludes i, for a table no anchor mirrors (test_cuda_emulated.py's twin).
+    assert_op_matches_oracle(cuda_op, asymmetric_inputs(dtype, "cuda"), dtype, "asymmetric")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_symmetric_pass_with_lse_spread_too_wide_for_one_shift(dtype):
+    # tau = 0.004: the two-exp formula of the symmetric pass writes dx (test_cuda_emulated.py's twin).
+    assert_wide_spread_matches_oracle(cuda_op, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_symmetric_pass_with_rows_without_negatives(dtype):
+    # y None, anchor 0 without negatives (lse -inf), overflowing exps on the entries masked both ways.
+    assert_rows_without_negatives_match_oracle(cuda_op, dtype, "cuda")
+
+
+def test_fp16_symmetric_weights_do_not_underflow_next_to_a_large_upstream_gradient():
+    # test_cuda_emulated.py's case on the GPU (the symmetric pass's per-row, per-tile fp16 scales).
+    assert_symmetric_outlier_matches_oracle(cuda_op, "cuda")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["ntxent", "cross", "random"])
 def test_op_bitwise_deterministic(dtype, layout):
     # Several CTAs per SM and many tiles; the op twice on the same inputs gives the same bits.
@@ -257,25 +288,29 @@ def test_product_at_32k_pairs_matches_float64(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_large_batch_column_weights_do_not_underflow_next_to_large_upstream_gradients(dtype):
-    # Issue 11 through the column pass (dy = E^T x): one anchor's upstream gradient 1e5 times the
-    # others', another's 1e3 times, in different tiles. In fp16 each tile of 64 anchors has its own
-    # scale (csrc/lse_math.h), so the other anchors' weights p * coef / scale stay above fp16's
-    # subnormals; the CPU twin is test_cpp.py::test_fp16_column_weights_do_not_underflow_next_to_large_
-    # upstream_gradients, the emulated one test_cuda_emulated.py's.
+@pytest.mark.parametrize("layout", ["cross", "ntxent"])
+def test_large_batch_column_weights_do_not_underflow_next_to_large_upstream_gradients(dtype, layout):
+    # Issue 11 through the column pass (cross: dy = E^T x) and the symmetric pass (ntxent: dx =
+    # (E + E^T) x): one anchor's upstream gradient 1e5 times the others', another's 1e3 times, in
+    # different tiles. In fp16 each tile of 64 anchors (and in the symmetric pass each output row
+    # with it) has its own scale (csrc/lse_math.h), so the other anchors' weights p * coef / scale
+    # stay above fp16's subnormals; the CPU twin is test_cpp.py::test_fp16_column_weights_do_not_
+    # underflow_next_to_large_upstream_gradients, the emulated ones test_cuda_emulated.py's.
     n = 32768
     rows = rows_near_one_direction(2 * n, 128, dtype, seed=8)
-    x, y = rows[:n], rows[n:]
-    excluded = layout_exclusions("cross", n, x.device)
+    x, y = (rows, None) if layout == "ntxent" else (rows[:n], rows[n:])
+    excluded = layout_exclusions(layout, n, x.device)
     tau = torch.tensor(0.1, device="cuda")
-    grad_lse = torch.full((n,), 1.0 / n, device="cuda")
-    grad_lse[n // 3] *= 1e5
-    grad_lse[2 * n // 3] *= 1e3
+    m = x.shape[0]
+    grad_lse = torch.full((m,), 1.0 / m, device="cuda")
+    grad_lse[m // 3] *= 1e5
+    grad_lse[2 * m // 3] *= 1e3
     lse = torch.ops.macl_kernels.negative_lse(x, y, excluded, tau)
-    dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, True)
+    dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, y is not None)
     oracle = op_oracle(x, y, excluded, tau, grad_lse)
     assert_rel_close(dx, oracle[1], 1e-2, "dx")
-    assert_rel_close(dy, oracle[2], 1e-2, "dy")
+    if y is not None:
+        assert_rel_close(dy, oracle[2], 1e-2, "dy")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -21,6 +21,10 @@ from python_tests.backends.op_checks import (
     assert_op_matches_float64,
     assert_op_matches_oracle,
     assert_product_matches_oracle,
+    assert_rows_without_negatives_match_oracle,
+    assert_symmetric_outlier_matches_oracle,
+    assert_wide_spread_matches_oracle,
+    asymmetric_inputs,
     fixed_shift_inputs,
     fixed_shift_tolerance,
     op_inputs,
@@ -204,6 +208,38 @@ def test_fp16_column_weights_do_not_underflow_next_to_a_large_upstream_gradient(
     cpu_dx, cpu_dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, True)
     assert_rel_close(dx, cpu_dx, torch.finfo(torch.float16).eps, "dx against the CPU kernel")
     assert_rel_close(dy, cpu_dy, torch.finfo(torch.float16).eps, "dy against the CPU kernel")
+
+
+def test_fp16_symmetric_weights_do_not_underflow_next_to_a_large_upstream_gradient():
+    # The same through the symmetric pass (y None, dx = (E + E^T) x): each output row and streamed
+    # tile of 64 anchors has its own scale (csrc/lse_math.h's symmetric view); with one scale for
+    # all, the rows away from anchor 5's tile lose their precision to fp16's subnormals.
+    assert_symmetric_outlier_matches_oracle(emulated())
+
+
+ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_symmetric_pass_with_an_asymmetric_table(dtype):
+    # y None with a table no anchor mirrors: an entry (i, j) drops E[i, j] where anchor i excludes
+    # j and E[j, i] where anchor j excludes i, and the tiles only the second masks take the masked
+    # path too (the streamed anchors' records).
+    assert_op_matches_oracle(emulated(), asymmetric_inputs(dtype), dtype, "asymmetric")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_symmetric_pass_with_lse_spread_too_wide_for_one_shift(dtype):
+    # tau = 0.004: lse log2(e) spreads over more than 96 across the rows, so one shared shift
+    # would push alpha = w 2^(shift - lse2) out of float32's range: the two-exp formula writes dx.
+    assert_wide_spread_matches_oracle(emulated(), dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_symmetric_pass_with_rows_without_negatives(dtype):
+    # y None: a row without negatives (lse -inf) takes only the other anchors' terms, entries masked
+    # both ways give 0 although their exps overflow, and with no negatives at all dx = 0.
+    assert_rows_without_negatives_match_oracle(emulated(), dtype)
 
 
 def test_strided_inputs_and_no_negatives():

@@ -154,4 +154,12 @@ def test_cuda_kernel_names_give_the_kernel_and_its_input_type():
         "(macl::cuda::(anonymous namespace)::Params<__nv_bfloat16, float>)"
     )
     parsed = codegen.CUDA_NAME.search(name)
-    assert (parsed["kernel"], codegen.CUDA_TYPES[parsed["input"]]) == ("negative_lse_rows_grad", "bf16")
+    assert (codegen.cuda_kernel_of(parsed), codegen.CUDA_TYPES[parsed["input"]]) == ("negative_lse_rows_grad", "bf16")
+    # The symmetric pass's two variants (one exp per score, or two).
+    for variant, kernel in (("true", "negative_lse_symmetric_grad"), ("false", "negative_lse_symmetric_grad_two_exp")):
+        name = (
+            f"void macl::cuda::(anonymous namespace)::negative_lse_symmetric_grad<__half, {variant}>"
+            "(macl::cuda::(anonymous namespace)::Params<__half, float>)"
+        )
+        parsed = codegen.CUDA_NAME.search(name)
+        assert (codegen.cuda_kernel_of(parsed), codegen.CUDA_TYPES[parsed["input"]]) == (kernel, "fp16")

@@ -22,8 +22,9 @@ accumulator at the end). For fp16 that one scale is not enough: one anchor with 
 large ``h`` would push every other ``p * weight`` below fp16's subnormals, so each
 tile of anchors divides its factors by its own largest ``|weight|`` and multiplies
 its product by it in the accumulator (:func:`_tile_scale`; in the symmetric row
-pass, per output row and candidate tile, :func:`_tile_scales`). bf16 has float32's
-exponent range and keeps the one scale.
+pass, per output row and candidate tile, :func:`_tile_scales`: csrc/lse_math.h's
+symmetric view, ``symmetric_row_scale``, which the CUDA backend's symmetric pass
+runs). bf16 has float32's exponent range and keeps the one scale.
 
 Both passes walk their interior tiles unmasked and mask only the tiles where an
 excluded pair falls (see helpers.tile_order); the column pass finds those from a
@@ -60,7 +61,8 @@ from .helpers import (
 from .launch import Launch
 
 LOG2E_VALUE = math.log2(math.e)
-# Widest spread of the base-2 lse over the rows for one exp per score: alpha >= |weight| 2^-96 stays normal.
+# Widest spread of the base-2 lse over the rows for one exp per score: alpha >= |weight| 2^-96 stays normal
+# (csrc/lse_math.h's kSymmetricMaxSpread, the CUDA symmetric pass's).
 MAX_SPREAD = 96.0
 SCAN_ROWS = tl.constexpr(1024)  # exclusion-table entries per step of the column pass's scan
 
@@ -83,7 +85,8 @@ def _tile_scale(weight):
 def _tile_scales(weight, weight_c):
     """_tile_scale of each output row of the symmetric row pass for one candidate tile: its
     operands ``E[r, c] + E[c, r]`` hold the row's own weight and the tile's anchors' (as
-    columns), so the scale of row r is ``max(|weight[r]|, max_c |weight_c[c]|)``."""
+    columns), so the scale of row r is ``max(|weight[r]|, max_c |weight_c[c]|)`` (the rule of
+    csrc/lse_math.h's symmetric view, ``symmetric_row_scale``, mirrored here)."""
     top = tl.maximum(tl.abs(weight), tl.max(tl.abs(weight_c), axis=0))
     return tl.where(top > 0, top, 1.0)
 
