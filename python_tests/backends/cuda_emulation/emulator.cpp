@@ -7,7 +7,8 @@
 // are implemented from the PTX ISA's definitions (ldmatrix and mma.m16n8k16 fragment
 // layouts). To expose missing waits and barriers, cp.async copies land at the last moment
 // the ISA allows (the issuing thread's cp.async.wait_group) unless asked to land at once,
-// shared memory starts as NaN bytes, and every output starts as NaN.
+// shared memory starts as NaN bytes, and every output starts as NaN; a CTA that writes shared
+// memory past the bytes its launch asked for fails (reads past them cannot be told).
 #include <torch/extension.h>
 #include <ucontext.h>
 
@@ -391,6 +392,13 @@ struct EmulatedRunner {
       for (unsigned int x = 0; x < grid.x; ++x) {
         std::memset(smem, 0xff, kSharedBytes);  // NaN in every float type
         emu::run_cta(body, dim3(x, y, 1), dim3(threads, 1, 1), immediate_copies);
+        // Nothing may be written past the bytes the launch asked for (geo.shared_bytes()).
+        const auto written =
+            std::find_if(smem + shared_bytes, smem + kSharedBytes, [](unsigned char b) { return b != 0xff; });
+        if (written != smem + kSharedBytes) {
+          throw std::runtime_error("emulated CTA wrote shared memory at byte " + std::to_string(written - smem) +
+                                   ", past the " + std::to_string(shared_bytes) + " bytes of its launch");
+        }
       }
     }
     return cudaSuccess;
