@@ -97,9 +97,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_lse):
     x, y, excluded, tau, lse = ctx.saved_tensors
     need_dy = ctx.has_y and ctx.needs_input_grad[1]
+    # With candidates, this path is the one of anchors that needed no gradient at the forward (else the
+    # product op's): no row pass for a dx nobody reads. Without, dx holds both roles.
+    need_dx = not ctx.has_y or ctx.needs_input_grad[0]
     y = y if ctx.has_y else None
-    dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, need_dy)
-    return dx, (dy if need_dy else None), None, None
+    dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, need_dy, need_dx)
+    return (dx if need_dx else None), (dy if need_dy else None), None, None
 
 
 def _product_setup_context(ctx, inputs, output):

@@ -148,12 +148,15 @@ def test_candidates_get_gradient_work_only_when_they_require_a_gradient(bank_req
 
 def test_without_an_anchor_gradient_the_forward_keeps_no_product():
     # No dx needed (frozen anchors, or no grad mode): the plain forward, and the backward kernel for dy alone.
+    # (need_dx false: the row pass for a dx that nothing needs would be a whole pass over S thrown away.)
     z0, z1, bank = make_views(8, 4, seed=3, bank_rows=5)
     with _KernelCalls() as forward:
         loss = mk.macl_loss(z0, z1, layout="queue", negatives=bank.requires_grad_(True), backend="cpp")
     with _KernelCalls() as backward:
-        loss.backward()
-    assert forward.calls == ["negative_lse"] and backward.calls == [("backward", True, True)]
+        (bank_grad,) = torch.autograd.grad(loss, bank)
+    assert forward.calls == ["negative_lse"] and backward.calls == [("backward", True, False)]
+    (expected,) = torch.autograd.grad(mk.macl_loss(z0, z1, layout="queue", negatives=bank, backend="torch"), bank)
+    assert_rel_close(bank_grad, expected, 1e-5, "the bank's gradient")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

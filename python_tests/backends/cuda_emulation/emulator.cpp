@@ -7,7 +7,10 @@
 // are implemented from the PTX ISA's definitions (ldmatrix and mma.m16n8k16 fragment
 // layouts). To expose missing waits and barriers, cp.async copies land at the last moment
 // the ISA allows (the issuing thread's cp.async.wait_group) unless asked to land at once,
-// shared memory starts as NaN bytes, and every output starts as NaN.
+// shared memory starts as NaN bytes, and every output starts as NaN; a CTA that writes shared
+// memory past the bytes its launch asked for fails (reads past them cannot be told), and so
+// does a warp whose lanes meet different warp instructions at once (a shuffle, vote, ldmatrix or
+// mma in diverged code), which would otherwise exchange each other's unrelated operands.
 #include <torch/extension.h>
 #include <ucontext.h>
 
@@ -22,6 +25,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <source_location>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -79,6 +83,8 @@ struct Cta {
   Barrier cta_barrier;
   std::vector<Barrier> warp_barriers;
   std::vector<std::vector<unsigned char>> slots;  // per warp: 32 lanes x kSlotBytes
+  std::vector<std::vector<uint64_t>> sites;       // per warp: where each lane called its shuffle or vote
+  std::string divergence;                          // the first shuffle or vote the lanes of a warp met apart
   const std::function<void()>* body = nullptr;
   bool immediate_copies = false;
   uint64_t progress = 0;  // arrivals and completions, to tell a deadlock
@@ -114,6 +120,9 @@ inline int arrive_and_wait(Barrier& b, int predicate = 0) {
 
 inline void warp_sync() { arrive_and_wait(cta->warp_barriers[warp()]); }
 
+// warp_collective's sites of the ptx.cuh instructions (shuffles and votes use their source line).
+constexpr uint64_t kLdmatrixSite = 1, kLdmatrixTransSite = 2, kMmaSite = 3;
+
 // Lane l's exchange slot in the current warp, as a T.
 template <typename T>
 T& slot(int l) {
@@ -121,11 +130,39 @@ T& slot(int l) {
   return *reinterpret_cast<T*>(cta->slots[warp()].data() + l * kSlotBytes);
 }
 
+inline std::string site_name(uint64_t site) {
+  static const char* const kNames[] = {"none", "ldmatrix", "ldmatrix.trans", "mma"};
+  return site < 4 ? kNames[site] : "a shuffle or vote at line " + std::to_string(site >> 16);
+}
+
+// Stops the calling thread for good (it is never scheduled again); run_cta then reports.
+[[noreturn]] inline void stop_thread() {
+  fiber().done = true;
+  ++cta->progress;
+  swapcontext(&fiber().context, &cta->scheduler);
+  std::abort();  // (never resumed)
+}
+
 // Every lane deposits `mine`; fn(all slots) runs in each lane between two warp barriers.
+// `site` says which instruction (for a shuffle or vote, its source line and column): every
+// lane of the warp must be at the same one. Lanes that meet it from diverged code (some at
+// another collective, or at none) are a bug of the kernel: the lanes stop and run_cta throws.
 template <typename T, typename Fn>
-auto warp_collective(const T& mine, const Fn& fn) {
+auto warp_collective(const T& mine, const Fn& fn, uint64_t site) {
   slot<T>(lane()) = mine;
+  cta->sites[warp()][lane()] = site;
   warp_sync();
+  const int lanes = cta->warp_barriers[warp()].expected;
+  for (int l = 0; l < lanes; ++l) {
+    if (cta->sites[warp()][l] != site) {
+      if (cta->divergence.empty()) {
+        cta->divergence = "the lanes of warp " + std::to_string(warp()) +
+                          " met different warp instructions at once (diverged code): " + site_name(site) + " and " +
+                          site_name(cta->sites[warp()][l]);
+      }
+      stop_thread();
+    }
+  }
   auto result = fn();
   warp_sync();
   return result;
@@ -165,6 +202,7 @@ inline void run_cta(const std::function<void()>& body, dim3 block, dim3 dim, boo
     c.warp_barriers[w].expected = std::min(kWarp, threads - w * kWarp);
   }
   c.slots.assign(warps, std::vector<unsigned char>(kWarp * kSlotBytes));
+  c.sites.assign(warps, std::vector<uint64_t>(kWarp, 0));
   c.fibers.resize(threads);
   cta = &c;
   for (int t = 0; t < threads; ++t) {
@@ -196,10 +234,14 @@ inline void run_cta(const std::function<void()>& body, dim3 block, dim3 dim, boo
     }
     if (c.progress == before) {
       cta = nullptr;
-      throw std::runtime_error("emulated CTA deadlocked: a barrier or warp instruction not reached by every thread");
+      throw std::runtime_error("emulated CTA deadlocked: a barrier or warp instruction not reached by every thread" +
+                               (c.divergence.empty() ? std::string() : "; " + c.divergence));
     }
   }
   cta = nullptr;
+  if (!c.divergence.empty()) {
+    throw std::runtime_error("emulated CTA: " + c.divergence);
+  }
 }
 
 }  // namespace emu
@@ -213,17 +255,23 @@ inline void __syncthreads() { emu::arrive_and_wait(emu::cta->cta_barrier); }
 
 inline int __syncthreads_or(int predicate) { return emu::arrive_and_wait(emu::cta->cta_barrier, predicate); }
 
+// The source line of a shuffle or vote, for warp_collective's check that a warp's lanes meet it together.
+inline uint64_t site_of(const std::source_location& at) { return (uint64_t{at.line()} << 16) | at.column(); }
+
 template <typename T>
-T __shfl_xor_sync(unsigned, T value, int mask) {
-  return emu::warp_collective(value, [&] { return emu::slot<T>(emu::lane() ^ mask); });
+T __shfl_xor_sync(unsigned, T value, int mask, std::source_location at = std::source_location::current()) {
+  return emu::warp_collective(value, [&] { return emu::slot<T>(emu::lane() ^ mask); }, site_of(at));
 }
 
-inline int __any_sync(unsigned, int predicate) {
-  return emu::warp_collective(predicate, [&] {
-    int any = 0;
-    for (int l = 0; l < emu::kWarp; ++l) any |= emu::slot<int>(l) != 0;
-    return any;
-  });
+inline int __any_sync(unsigned, int predicate, std::source_location at = std::source_location::current()) {
+  return emu::warp_collective(
+      predicate,
+      [&] {
+        int any = 0;
+        for (int l = 0; l < emu::kWarp; ++l) any |= emu::slot<int>(l) != 0;
+        return any;
+      },
+      site_of(at));
 }
 
 // The kernels' dynamic shared memory, for the one CTA in flight.
@@ -274,7 +322,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t row_address) {
       out[i] = load_pair(row + 2 * (2 * (l % 4)), row + 2 * (2 * (l % 4) + 1));
     }
     return out;
-  });
+  }, emu::kLdmatrixSite);
   for (int i = 0; i < 4; ++i) r[i] = fragment[i];
 }
 
@@ -289,7 +337,7 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t row_address) {
       out[i] = load_pair(row0 + 2 * (l / 4), row1 + 2 * (l / 4));
     }
     return out;
-  });
+  }, emu::kLdmatrixTransSite);
   for (int i = 0; i < 4; ++i) r[i] = fragment[i];
 }
 
@@ -344,7 +392,7 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
       return static_cast<float>(sum);
     };
     return std::array<float, 4>{entry(g, 2 * t), entry(g, 2 * t + 1), entry(g + 8, 2 * t), entry(g + 8, 2 * t + 1)};
-  });
+  }, emu::kMmaSite);
   for (int i = 0; i < 4; ++i) c[i] = d[i];
 }
 
@@ -391,6 +439,13 @@ struct EmulatedRunner {
       for (unsigned int x = 0; x < grid.x; ++x) {
         std::memset(smem, 0xff, kSharedBytes);  // NaN in every float type
         emu::run_cta(body, dim3(x, y, 1), dim3(threads, 1, 1), immediate_copies);
+        // Nothing may be written past the bytes the launch asked for (geo.shared_bytes()).
+        const auto written =
+            std::find_if(smem + shared_bytes, smem + kSharedBytes, [](unsigned char b) { return b != 0xff; });
+        if (written != smem + kSharedBytes) {
+          throw std::runtime_error("emulated CTA wrote shared memory at byte " + std::to_string(written - smem) +
+                                   ", past the " + std::to_string(shared_bytes) + " bytes of its launch");
+        }
       }
     }
     return cudaSuccess;
