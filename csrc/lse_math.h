@@ -165,8 +165,10 @@ C10_HOST_DEVICE inline T column_view_scale(T max_abs_coef) {
 // is (E[r, c] + E[c, r]) / it and each tile's product is multiplied by it in fp32 before
 // it is added. Both terms share one exp when the spread of lse log2(e) over the rows
 // (those with negatives) is at most kSymmetricMaxSpread: with shift = its minimum,
-// w P[r, c] = 2^(logit2 - shift) alpha[r] with alpha = w 2^(shift - lse2) >= |w| 2^-96,
-// still a normal float32 (else each term takes its own exp). The Triton kernels mirror
+// w P[r, c] = 2^(logit2 - shift) alpha[r] with |alpha| = |w| 2^(shift - lse2) >= |w| 2^-96,
+// a normal float32 while |w| >= 2^-30 (else each term takes its own exp; an anchor whose
+// upstream gradient is over 2^30 times below the largest loses bits of alpha only near a
+// spread of 96, where its terms weigh nothing next to that anchor's). The Triton kernels mirror
 // this (macl_kernels/backends/triton/backward.py: _tile_scales, MAX_SPREAD).
 constexpr double kSymmetricMaxSpread = 96.0;
 constexpr double kLog2e = 1.4426950408889634;  // log2(e): exp(x) = exp2(x log2(e))

@@ -82,6 +82,8 @@ def _fake_negative_lse_product(x, y, excluded, tau):
 
 
 def _fake_negative_lse_backward(grad_lse, x, y, excluded, tau, lse, need_dy, need_dx=True):
+    if y is None and not need_dx:  # (as csrc/checks.h's check_need_dx)
+        raise RuntimeError("negative_lse_backward: need_dx = false needs y (without y, dx holds both roles)")
     dx = torch.empty_like(x) if (need_dx or y is None) else x.new_empty((0,))
     dy = torch.empty_like(y) if (y is not None and need_dy) else x.new_empty((0,))
     return dx, dy
@@ -109,6 +111,7 @@ def _product_setup_context(ctx, inputs, output):
     x, y, excluded, tau = inputs
     lse, product = output
     ctx.mark_non_differentiable(product)
+    ctx.set_materialize_grads(False)  # (else autograd hands the backward an M x D zero gradient for `product`)
     ctx.save_for_backward(x, y, excluded, tau, lse, product)
 
 
@@ -116,6 +119,8 @@ def _product_setup_context(ctx, inputs, output):
 def _product_backward(ctx, grad_lse, _grad_product):
     x, y, excluded, tau, lse, product = ctx.saved_tensors
     need_dx, need_dy = ctx.needs_input_grad[:2]
+    if grad_lse is None:  # (grads are not materialized: no gradient reached the lse)
+        return None, None, None, None
     dx = rows_from_product(lse, product, lse, tau, grad_lse).to(x.dtype) if need_dx else None  # no pass over S
     dy = None
     if need_dy:  # the column pass alone

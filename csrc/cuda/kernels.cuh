@@ -82,7 +82,7 @@ struct Params {
   int64_t group_rows;       // backward: anchors per such group (column_scale_rows)
   const ColumnParams<Acc>* column_params;  // column pass, symmetric pass (symmetric_grad.cuh)
   const Acc* shared_shift;  // symmetric pass: its shift, formula and weight scale (symmetric_grad.cuh)
-  Acc* out;                 // lse, dx, or dy
+  Acc* out;                 // lse, P y (forward_product), dx, or dy
   int64_t rows, cols, dim, ld;
 };
 
@@ -100,7 +100,7 @@ __device__ inline Acc row_sum(Acc v) {
   return v;
 }
 
-// The owned rows' exclusions (anchors: forward and row pass), -1 past the last row.
+// The owned rows' exclusions (anchors: the forwards, the row and symmetric passes), -1 past the last row.
 template <typename Tile>
 struct RowExclusions {
   int32_t e[Tile::kRows][2];

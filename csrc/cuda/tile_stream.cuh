@@ -43,7 +43,7 @@ struct Geometry {
   static constexpr int kChunk = Tile::kOutput;   // features per chunked step = gradient features per CTA
   int ld;                 // features per row (padded, a multiple of Tile::kStep and of 16 bytes)
   bool resident;
-  int params_bytes;       // per streamed row, per stage (column pass: ColumnParams), else 0
+  int params_bytes;       // per streamed row, per stage (column and symmetric passes: ColumnParams), else 0
 
   __host__ __device__ int stage_features() const { return resident ? ld : kChunk; }
   __host__ __device__ int stride() const { return stage_features() + kPad; }

@@ -159,6 +159,21 @@ def test_without_an_anchor_gradient_the_forward_keeps_no_product():
     assert_rel_close(bank_grad, expected, 1e-5, "the bank's gradient")
 
 
+def test_backward_without_dx_needs_candidates_in_the_kernel_and_its_fake():
+    # Without y, dx holds both roles: need_dx = False is refused by the op and, alike, by its fake kernel.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    excluded = layout_exclusions("ntxent", 3, x.device)
+    tau, grad = torch.tensor(0.5), torch.ones(6)
+    lse = torch.ops.macl_kernels.negative_lse(x, None, excluded, tau)
+    with pytest.raises(RuntimeError, match="need_dx = false needs y"):
+        torch.ops.macl_kernels.negative_lse_backward(grad, x, None, excluded, tau, lse, False, False)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match="need_dx = false needs y"):
+        fake = [mode.from_tensor(t) for t in (grad, x, excluded, tau, lse)]
+        torch.ops.macl_kernels.negative_lse_backward(fake[0], fake[1], None, fake[2], fake[3], fake[4], False, False)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_same_bits_for_any_number_of_threads(layout):
     # The tiles of a round run in parallel but each block's contributions arrive in the
