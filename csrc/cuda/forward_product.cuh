@@ -92,27 +92,18 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     product.add(tile, rows, geo.stride());
   });
 
-  // Each (row, feature) of the product has exactly this one writer; lse has the CTAs of chunk 0.
+  // P y = product / sum (store_product: one writer per (row, feature)); lse has the CTAs of chunk 0.
+  Acc inverse[Tile::kRows];
 #pragma unroll
   for (int i = 0; i < Tile::kRows; ++i) {
     const int64_t row = row0 + Tile::row(i);
     const Acc total = row_sum<Tile>(sum[i]);
-    if (row >= p.rows) {
-      continue;
-    }
-    if (output_chunk == 0 && threadIdx.x % Tile::kRowLanes == 0) {
+    inverse[i] = total > Acc(0) ? Acc(1) / total : Acc(0);  // no negatives: a zero product
+    if (output_chunk == 0 && threadIdx.x % Tile::kRowLanes == 0 && row < p.rows) {
       lse[row] = lse_value(max2[i] * Acc(kLn2), total);
     }
-    const Acc inverse = total > Acc(0) ? Acc(1) / total : Acc(0);  // no negatives: a zero product
-    Acc* out = p.out + row * p.dim + d0;
-#pragma unroll
-    for (int d = 0; d < Tile::Product::kFeatures; ++d) {
-      const int feature = Tile::Product::feature(d);
-      if (d0 + feature < p.dim) {
-        out[feature] = product.at(i, d) * inverse;
-      }
-    }
   }
+  store_product<Tile>(product, [&](int i) { return inverse[i]; }, p.out, row0, p.rows, p.dim, d0);
 }
 
 }  // namespace

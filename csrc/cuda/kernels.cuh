@@ -379,7 +379,7 @@ __device__ inline void clear_masked(Tile& tile, const Masked& masked) {
   }
 }
 
-// Writes the gradient product of the CTA's owned rows [owned0, owned0 + kOwned) (those
+// Writes the product (a gradient, or P y) of the CTA's owned rows [owned0, owned0 + kOwned) (those
 // below n_owned) for features [d0, d0 + kChunk) (those below dim) to out (rows of dim
 // values), times after(i) for the thread's row i: each (row, feature) has exactly this one
 // writer.

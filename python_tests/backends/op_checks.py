@@ -12,7 +12,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from macl_kernels._layouts import layout_exclusions
-from macl_kernels._math import accumulation_dtype
+from macl_kernels._math import accumulation_dtype, rows_from_product
 from macl_kernels.backends.torch_chunked import TorchBackend
 from macl_kernels.testing import TOLERANCE, assert_rel_close
 
@@ -174,6 +174,21 @@ def assert_product_matches_oracle(
     assert torch.equal(lse.double()[~finite], expected_lse[~finite]), f"{what}: lse of rows without negatives"
     assert_rel_close(lse[finite], expected_lse[finite], 1e-5, f"{what} lse")
     assert_rel_close(product, expected_product, TOLERANCE[dtype] if tol is None else tol, f"{what} P y")
+
+
+def op_with_product(run_product: Callable, run_backward: Callable) -> Callable:
+    """The op as the compiled backends run it with candidates (macl_kernels/_extension_ops.py), as
+    (x, y, excluded, tau, grad_lse, need_dy) -> (lse, dx, dy): `run_product` (x, y, excluded, tau)
+    -> (lse, P y), dx = (h / tau) P y, and `run_backward` (the backward op's arguments, need_dx
+    last) for dy alone."""
+
+    def run(x, y, excluded, tau, grad_lse, need_dy):
+        lse, product = run_product(x, y, excluded, tau)
+        no_dx, dy = run_backward(grad_lse, x, y, excluded, tau, lse, need_dy, False)
+        assert no_dx.numel() == 0, "need_dx false: no dx"
+        return lse, rows_from_product(lse, product, lse, tau, grad_lse).to(x.dtype), dy
+
+    return run
 
 
 PRODUCT_CASES = [case for case in OP_CASES if case.layout != "ntxent" and not case.symmetric]  # with candidates

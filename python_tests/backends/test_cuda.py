@@ -15,7 +15,6 @@ import torch
 import macl_kernels as mk
 from macl_kernels import _extension_ops
 from macl_kernels._layouts import layout_exclusions
-from macl_kernels._math import rows_from_product
 from macl_kernels.testing import (
     LAYOUTS,
     assert_matches_reference,
@@ -40,6 +39,7 @@ from python_tests.backends.op_checks import (
     fixed_shift_tolerance,
     op_inputs,
     op_oracle,
+    op_with_product,
 )
 
 pytestmark = pytest.mark.gpu
@@ -57,13 +57,9 @@ def cuda_product(x, y, excluded, tau):
     return torch.ops.macl_kernels.negative_lse_product(x, y, excluded, tau)
 
 
-def cuda_op_with_product(x, y, excluded, tau, grad_lse, need_dy):
-    """The op as the backend runs it with candidates: the product forward, dx = (h / tau) P y, the
-    backward kernel for dy alone (need_dx false)."""
-    lse, product = cuda_product(x, y, excluded, tau)
-    no_dx, dy = torch.ops.macl_kernels.negative_lse_backward(grad_lse, x, y, excluded, tau, lse, need_dy, False)
-    assert no_dx.numel() == 0, "need_dx false: no dx"
-    return lse, rows_from_product(lse, product, lse, tau, grad_lse).to(x.dtype), dy
+# The op as the backend runs it with candidates: the product forward, dx = (h / tau) P y, the
+# backward kernel for dy alone (need_dx false).
+cuda_op_with_product = op_with_product(cuda_product, torch.ops.macl_kernels.negative_lse_backward)
 
 
 def views(n, d, dtype=torch.float32, seed=0, layout="ntxent", bank_rows=37):

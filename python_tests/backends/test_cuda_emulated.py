@@ -10,7 +10,6 @@ the emulator shares with the kernels (test_cuda.py checks the same cases on a GP
 import pytest
 import torch
 
-from macl_kernels._math import rows_from_product
 from macl_kernels.testing import assert_rel_close
 from python_tests.backends import cuda_emulation
 from python_tests.backends.op_checks import (
@@ -29,6 +28,7 @@ from python_tests.backends.op_checks import (
     fixed_shift_tolerance,
     op_inputs,
     op_oracle,
+    op_with_product,
     outlier_inputs,
 )
 
@@ -59,19 +59,13 @@ def emulated_product(shared_limit=UNLIMITED, immediate_copies=False):
 
 
 def emulated_with_product(shared_limit=UNLIMITED, immediate_copies=False):
-    """The op as the backend runs it with candidates (macl_kernels/_extension_ops.py): the product
-    forward, dx from P y, and the backward kernel for dy alone (need_dx false)."""
+    """The op as the backend runs it with candidates (op_checks.op_with_product), through the emulator."""
     emu = cuda_emulation.load()
 
-    def run(x, y, excluded, tau, grad_lse, need_dy):
-        lse, product = emu.negative_lse_product(x, y, excluded, tau, shared_limit, immediate_copies)
-        no_dx, dy = emu.negative_lse_backward(
-            grad_lse, x, y, excluded, tau, lse, need_dy, False, shared_limit, immediate_copies
-        )
-        assert no_dx.numel() == 0, "need_dx false: no dx"
-        return lse, rows_from_product(lse, product, lse, tau, grad_lse).to(x.dtype), dy
+    def backward(*args):
+        return emu.negative_lse_backward(*args, shared_limit, immediate_copies)
 
-    return run
+    return op_with_product(emulated_product(shared_limit, immediate_copies), backward)
 
 
 @pytest.mark.parametrize("case", OP_CASES, ids=str)
